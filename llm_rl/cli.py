@@ -1,0 +1,65 @@
+"""The `llm-rl` command.
+
+    llm-rl demo [--seed 0] [--output_dir outputs/demo] [--max_updates N] [--warm_start_steps N] [--overwrite]
+    llm-rl ppo --config recipes/configs/X.yaml [--any_config_key value ...]
+
+Both run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llm_rl.config import Config, ConfigError, format_help
+
+
+def ppo_main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: llm-rl ppo --config FILE.yaml [--key value ...]\n\nkeys:" + format_help())
+        return 0
+    config_path = None
+    if argv[0] == "--config" and len(argv) > 1:
+        config_path, argv = argv[1], argv[2:]
+    elif argv[0].startswith("--config="):
+        config_path, argv = argv[0].split("=", 1)[1], argv[1:]
+    from llm_rl.pipeline import run_ppo
+
+    config = Config.from_yaml(config_path, argv) if config_path else Config.from_dict({}).__class__.from_yaml(None, argv)
+    run_ppo(config)
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    from llm_rl.demo import DemoOptions, run_demo
+
+    parser = argparse.ArgumentParser(prog="llm-rl demo", description="PPO teaches a tiny model addition (CPU, offline).")
+    defaults = DemoOptions()
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--output_dir", default=defaults.output_dir)
+    parser.add_argument("--max_updates", type=int, default=None, help="PPO updates (default: the recipe's)")
+    parser.add_argument("--warm_start_steps", type=int, default=defaults.warm_start_steps)
+    parser.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a run")
+    args, overrides = parser.parse_known_args(argv)
+    run_demo(DemoOptions(output_dir=args.output_dir, seed=args.seed, warm_start_steps=args.warm_start_steps,
+                         max_updates=args.max_updates, overwrite=args.overwrite), overrides)
+    return 0
+
+
+COMMANDS = {"ppo": ppo_main, "demo": demo_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ConfigError as e:
+        print(f"llm-rl: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Configuration: one dataclass per concern, loaded from YAML plus `--key value` overrides.
+
+A config file may be flat (`learning_rate: 1e-5`) or grouped by section
+(`ppo: {learning_rate: 1e-5}`); every field name is unique across sections, so a
+flat key always finds its home. Unknown keys fail with the closest valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value a user has to fix; the message says which key and how."""
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Policy: a Hub id or a local folder, loaded with from_pretrained."}
+    )
+    ref_model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Frozen reference model; defaults to a copy of the initial policy."}
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer; defaults to model_name_or_path."}
+    )
+    value_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Folder holding value_head.safetensors to start the value head from (e.g. a previous run)."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the Hub. Off unless you trust the repository."}
+    )
+    torch_dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto. Mixed precision comes from accelerate."},
+    )
+    value_head_init_std: float = field(
+        default=0.0, metadata={"help": "Std of the value head's initial weights (0 = zeros: V starts at 0)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% more compute."}
+    )
+
+
+@dataclass
+class DataConfig:
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Prompts: a Hub dataset id, a local folder, or a .json/.jsonl/.csv/.parquet file."},
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to take prompts from."})
+    prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Column with the prompt: a string, or chat messages rendered with the chat template."},
+    )
+    max_prompt_length: int = field(default=512, metadata={"help": "Longest prompt in tokens."})
+    truncate_prompts: bool = field(
+        default=False,
+        metadata={"help": "Cut over-long prompts from the left instead of failing on them."},
+    )
+    shuffle: bool = field(default=True, metadata={"help": "Reshuffle prompts every pass (seeded)."})
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest response in tokens."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; log-probs are taken at the same temperature."}
+    )
+    top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest tokens (0 = all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    stop_token: Optional[str] = field(
+        default=None, metadata={"help": "Extra token that ends a response, besides the tokenizer's EOS."}
+    )
+    missing_eos_penalty: Optional[float] = field(
+        default=None, metadata={"help": "Subtracted from the score of responses that never emitted EOS."}
+    )
+    generation_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Prompts per generate call; defaults to batch_size (one call)."}
+    )
+
+
+@dataclass
+class RewardConfig:
+    reward_model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Sequence classifier with one output, scoring prompt + completion."}
+    )
+    reward_funcs: list = field(
+        default_factory=list,
+        metadata={"help": "Reward functions as 'module.path:function', each (prompts, completions, **columns)."},
+    )
+    reward_weights: Optional[list] = field(
+        default=None, metadata={"help": "One weight per reward (model first, then functions); default all 1."}
+    )
+    reward_scale: float = field(default=1.0, metadata={"help": "Multiply scores by this."})
+    reward_clip: Optional[float] = field(default=None, metadata={"help": "Clip scores to [-c, c] after scaling."})
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "Scale token rewards to unit variance over the batch (mean kept)."}
+    )
+
+
+@dataclass
+class PPOConfig:
+    batch_size: int = field(default=16, metadata={"help": "Prompts rolled out per update, per process."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per mini-batch (trades memory for nothing else)."}
+    )
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant, linear or cosine (after warmup)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup, in optimizer steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Clip the global grad norm (None = off)."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
+    dual_clip: Optional[float] = field(
+        default=None, metadata={"help": "Dual-clip constant c > 1 bounding the loss of negative advantages."}
+    )
+    clip_range_value: Optional[float] = field(default=0.2, metadata={"help": "Value clip range (None = off)."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    ent_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount over response tokens."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the batch."})
+    loss_agg: str = field(
+        default="token_mean", metadata={"help": "token_mean, or seq_mean_token_mean (mean per sequence first)."}
+    )
+    kl_coef: float = field(default=0.05, metadata={"help": "Initial beta of the KL penalty to the reference."})
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1, k2, k3 or abs."})
+    kl_placement: str = field(
+        default="reward", metadata={"help": "'reward': -beta*KL in token rewards (classic PPO); 'loss': a loss term."}
+    )
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta towards kl_target (Ziegler et al. 2019)."})
+    kl_target: float = field(default=6.0, metadata={"help": "Target KL per sequence for the adaptive controller."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Horizon of the adaptive controller."})
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the policy, config and metrics go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a folder that already holds another run."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for every random choice."})
+    max_updates: Optional[int] = field(default=None, metadata={"help": "Stop after this many PPO updates."})
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the prompts (used when max_updates is not set)."}
+    )
+    logging_steps: int = field(default=1, metadata={"help": "Print a summary line every N updates."})
+    eval_steps: int = field(default=0, metadata={"help": "Run the evaluation callback every N updates (0 = off)."})
+    report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, tensorboard, wandb, all."})
+    run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name."})
+    progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process."})
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sampling": SamplingConfig,
+    "reward": RewardConfig,
+    "ppo": PPOConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    """Everything a PPO run needs; `config.ppo.learning_rate` etc."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- loading -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> Config:
+        config = cls()
+        config.update(values, source)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+        config = cls()
+        if path is not None:
+            config.update(load_yaml(path), source=str(path))
+        if overrides:
+            config.update(parse_overrides(overrides), source="command line")
+        config.validate()
+        return config
+
+    def update(self, values: dict, source: str = "config") -> None:
+        """Set fields from a flat or section-grouped dict; unknown keys raise ConfigError."""
+        for key, value in (values or {}).items():
+            if key in SECTIONS and isinstance(value, dict):
+                for sub_key, sub_value in value.items():
+                    self._set(sub_key, sub_value, source, section=key)
+            else:
+                self._set(key, value, source)
+
+    def _set(self, key: str, value: Any, source: str, section: Optional[str] = None) -> None:
+        owner = FIELD_OWNER.get(key)
+        if owner is None or (section is not None and owner != section):
+            raise ConfigError(unknown_key_message(key, source, section))
+        field_type = FIELD_TYPES[key]
+        setattr(getattr(self, owner), key, coerce(value, field_type, key, source))
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def save_yaml(self, path: str | Path) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    # ---- validation ----------------------------------------------------------------
+    def validate(self) -> None:
+        """Check values that the types alone do not constrain; raise ConfigError saying what to fix."""
+        p, s, r, d, t = self.ppo, self.sampling, self.reward, self.data, self.train
+        checks = [
+            (p.batch_size >= 1, "batch_size must be >= 1"),
+            (p.num_mini_batches >= 1, "num_mini_batches must be >= 1"),
+            (p.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (
+                p.batch_size % (p.num_mini_batches * p.gradient_accumulation_steps) == 0,
+                f"batch_size ({p.batch_size}) must be divisible by num_mini_batches * gradient_accumulation_steps "
+                f"({p.num_mini_batches} * {p.gradient_accumulation_steps})",
+            ),
+            (p.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
+            (p.learning_rate > 0, "learning_rate must be > 0"),
+            (p.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type: constant, linear or cosine"),
+            (p.clip_range > 0, "clip_range must be > 0"),
+            (p.dual_clip is None or p.dual_clip > 1, "dual_clip must be > 1 (or null to disable)"),
+            (p.clip_range_value is None or p.clip_range_value > 0, "clip_range_value must be > 0 or null"),
+            (0 <= p.gamma <= 1, "gamma must be in [0, 1]"),
+            (0 <= p.lam <= 1, "lam must be in [0, 1]"),
+            (p.kl_coef >= 0, "kl_coef must be >= 0"),
+            (p.kl_estimator in ("k1", "k2", "k3", "abs"), "kl_estimator: k1, k2, k3 or abs"),
+            (p.kl_placement in ("reward", "loss"), "kl_placement: reward or loss"),
+            (p.loss_agg in ("token_mean", "seq_mean_token_mean"), "loss_agg: token_mean or seq_mean_token_mean"),
+            (s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (s.temperature > 0, "temperature must be > 0 (log-probs are taken at the sampling temperature)"),
+            (s.top_k >= 0, "top_k must be >= 0"),
+            (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
+            (s.generation_batch_size is None or s.generation_batch_size >= 1, "generation_batch_size must be >= 1"),
+            (d.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (t.max_updates is None or t.max_updates >= 1, "max_updates must be >= 1"),
+            (t.num_train_epochs > 0, "num_train_epochs must be > 0"),
+            (t.logging_steps >= 1, "logging_steps must be >= 1"),
+            (self.model.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
+             "torch_dtype: float32, bfloat16, float16 or auto"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        n_rewards = int(r.reward_model_name_or_path is not None) + len(r.reward_funcs)
+        if r.reward_weights is not None and len(r.reward_weights) != n_rewards:
+            raise ConfigError(
+                f"reward_weights has {len(r.reward_weights)} entries but there are {n_rewards} rewards "
+                "(the reward model first, then reward_funcs in order)"
+            )
+        for spec in r.reward_funcs:
+            if not isinstance(spec, str) or ":" not in spec:
+                raise ConfigError(f"reward_funcs entry {spec!r} must look like 'package.module:function'")
+
+
+FIELD_OWNER: dict[str, str] = {}
+FIELD_TYPES: dict[str, Any] = {}
+FIELD_HELP: dict[str, str] = {}
+for _section, _cls in SECTIONS.items():
+    _hints = typing.get_type_hints(_cls)
+    for _f in dataclasses.fields(_cls):
+        assert _f.name not in FIELD_OWNER, f"field {_f.name} defined twice"
+        FIELD_OWNER[_f.name] = _section
+        FIELD_TYPES[_f.name] = _hints[_f.name]
+        FIELD_HELP[_f.name] = _f.metadata.get("help", "")
+
+
+def unknown_key_message(key: str, source: str, section: Optional[str]) -> str:
+    candidates = [k for k, s in FIELD_OWNER.items() if section is None or s == section]
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    where = f" in section '{section}'" if section else ""
+    hint = f" Did you mean: {', '.join(close)}?" if close else " Run `llm-rl ppo --help` for the list of keys."
+    return f"{source}: unknown key '{key}'{where}.{hint}"
+
+
+def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    optional = False
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(field_type) if a is not type(None)]
+        optional, field_type = True, args[0]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{key}' cannot be null")
+    if isinstance(value, str) and value.lower() in ("none", "null") and optional:
+        return None
+    try:
+        if field_type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if field_type is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if field_type is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if math.isnan(out):
+                raise ValueError
+            return out
+        if field_type is str:
+            return str(value)
+        if field_type is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    name = getattr(field_type, "__name__", str(field_type))
+    raise ConfigError(f"{source}: '{key}' expects {name}{' or null' if optional else ''}, got {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`['--lr', '1e-5', '--flag=true']` -> {'lr': 1e-5, 'flag': True}; values parsed as YAML scalars."""
+    values, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            raw, i = args[i + 1], i + 2
+        else:
+            raw, i = "true", i + 1  # a bare flag switches a boolean on
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key] = raw
+    return values
+
+
+def format_help() -> str:
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{f.name:<28} {FIELD_HELP[f.name]} [default: {default}]")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Prompts: load a dataset, render and tokenize each prompt once, deal batches to processes.
+
+Prompts are tokenized once at load time; a batch is left-padded when it is drawn.
+The order of prompts is a seeded permutation per pass, so a run is reproducible
+and its data position is two integers (pass, offset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A dataset problem a user has to fix; the message names the dataset and the fix."""
+
+
+def load_prompt_dataset(name: str, split: str = "train", config_name: Optional[str] = None):
+    """A `datasets.Dataset` from a Hub id, a local folder, or a json/jsonl/csv/parquet file."""
+    import datasets
+
+    path = Path(name)
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError(f"dataset file not found: {path}")
+        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(path))
+    return datasets.load_dataset(name, config_name, split=split)
+
+
+def render_prompt(value, tokenizer, column: str, row: int) -> str:
+    """A prompt string, or chat messages rendered with the tokenizer's chat template."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        if tokenizer.chat_template is None:
+            raise DataError(
+                f"row {row}: column '{column}' holds chat messages but the tokenizer has no chat_template; "
+                "set one on the tokenizer or give plain-text prompts"
+            )
+        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    raise DataError(f"row {row}: column '{column}' must be a string or a list of chat messages, got {type(value)}")
+
+
+class PromptData:
+    """Tokenized prompts plus the other columns (passed to reward functions)."""
+
+    def __init__(
+        self,
+        dataset,
+        tokenizer,
+        prompt_column: str = "prompt",
+        max_prompt_length: int = 512,
+        truncate: bool = False,
+    ):
+        columns = list(dataset.column_names)
+        if prompt_column not in columns:
+            raise DataError(
+                f"dataset has no column '{prompt_column}' (columns: {columns}); "
+                "set prompt_column to the column that holds the prompts"
+            )
+        self.texts: list[str] = []
+        self.ids: list[list[int]] = []
+        for row, value in enumerate(dataset[prompt_column]):
+            text = render_prompt(value, tokenizer, prompt_column, row)
+            if not text.strip():
+                raise DataError(f"row {row}: the prompt is empty; remove the row or fill it in")
+            # chat templates already carry the special tokens they need
+            ids = tokenizer(text, add_special_tokens=isinstance(value, str)).input_ids
+            if len(ids) > max_prompt_length:
+                if not truncate:
+                    raise DataError(
+                        f"row {row}: the prompt has {len(ids)} tokens, over max_prompt_length={max_prompt_length}; "
+                        "raise max_prompt_length, shorten the prompt, or set truncate_prompts: true"
+                    )
+                ids = ids[-max_prompt_length:]  # keep the end: it is what the response continues
+            self.texts.append(text)
+            self.ids.append(ids)
+        if not self.ids:
+            raise DataError("the prompt dataset is empty")
+        self.columns = {c: list(dataset[c]) for c in columns if c != prompt_column}
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int], device=None) -> dict:
+        """Left-padded prompt ids and mask (batch, prompt_len), texts and the other columns."""
+        longest = max(len(self.ids[i]) for i in indices)
+        prompt_ids = torch.full((len(indices), longest), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(indices), longest), dtype=torch.long)
+        for row, i in enumerate(indices):
+            ids = self.ids[i]
+            prompt_ids[row, longest - len(ids) :] = torch.tensor(ids)
+            prompt_mask[row, longest - len(ids) :] = 1
+        return {
+            "prompt_ids": prompt_ids.to(device),
+            "prompt_mask": prompt_mask.to(device),
+            "prompts": [self.texts[i] for i in indices],
+            "columns": {c: [values[i] for i in indices] for c, values in self.columns.items()},
+        }
+
+
+class PromptSampler:
+    """Deals `batch_size` prompt indices per process per update, pass after pass.
+
+    Each pass is a permutation seeded by (seed, pass); the global batch of
+    `batch_size * num_processes` prompts is split by rank, so ranks never share a
+    prompt within an update. The position (pass, offset) is all that resume needs.
+    """
+
+    def __init__(self, num_prompts: int, batch_size: int, num_processes: int, rank: int, seed: int, shuffle: bool):
+        self.global_batch = batch_size * num_processes
+        if num_prompts < self.global_batch:
+            raise DataError(
+                f"{num_prompts} prompts are fewer than one update needs ({batch_size} per process x "
+                f"{num_processes} processes); lower batch_size or add prompts"
+            )
+        self.num_prompts, self.batch_size, self.rank = num_prompts, batch_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.offset = 0, 0
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.num_prompts // self.global_batch  # the incomplete tail of a pass is dropped
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_prompts))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.num_prompts, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            order = self._order()
+            while self.offset + self.global_batch <= self.num_prompts:
+                start = self.offset + self.rank * self.batch_size
+                self.offset += self.global_batch
+                yield order[start : start + self.batch_size]
+            self.epoch, self.offset = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

@@ -1,0 +1,151 @@
+"""PPO clipped policy and value losses.
+
+All per-token tensors are ``(batch, resp_len)``; ``mask`` marks valid
+response tokens. Each loss returns ``(loss, stats)`` where ``stats`` holds
+detached scalar tensors for logging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm_rl.ops import masked_mean
+
+Tensor = torch.Tensor
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+
+
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+    """Reduce a ``(batch, resp_len)`` per-token loss to a scalar.
+
+    - ``"token_mean"``: ``sum(l * m) / sum(m)``, every valid token in the batch
+      weighs the same (long responses dominate).
+    - ``"seq_mean_token_mean"``: mean over tokens within each sequence, then
+      mean over sequences that have at least one valid token, so every
+      response weighs the same regardless of length.
+
+    Empty input (no valid token anywhere) gives 0.
+    """
+    if loss_agg == "token_mean":
+        return masked_mean(per_token_loss, mask)
+    if loss_agg == "seq_mean_token_mean":
+        per_seq = masked_mean(per_token_loss, mask, dim=-1)
+        # Empty rows would otherwise count as a 0 loss and dilute the mean.
+        has_tokens = mask.to(per_token_loss.dtype).sum(dim=-1) > 0
+        return masked_mean(per_seq, has_tokens)
+    raise ValueError(
+        f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}"
+    )
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+    dual_clip: float | None = None,
+    loss_agg: str = "token_mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate objective (as a loss to minimise).
+
+    logprobs: ``(batch, resp_len)`` under the current policy (with grad);
+    old_logprobs, advantages: ``(batch, resp_len)`` from the rollout, treated
+    as constants (detached here).
+
+    ``ratio = exp(logprobs - old_logprobs)``
+    ``l_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))``
+    (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7.)
+
+    Dual clip with ``c > 1``: for ``A_t < 0`` the loss is capped,
+    ``l_t = min(l_t, -c * A_t)``, so a very large ratio on a bad action cannot
+    produce an unbounded update (Ye et al. 2020, "Mastering Complex Control in
+    MOBA Games with Deep Reinforcement Learning", eq. 5).
+
+    Stats: ``clipfrac`` (fraction of valid tokens where the clipped branch is
+    the active max), ``approx_kl`` (masked mean of ``0.5 * log_ratio^2``),
+    ``ratio_mean``, ``ratio_max``, and ``dual_clipfrac`` when dual clip is on.
+    """
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+
+    valid = mask.bool()
+    old_logprobs = old_logprobs.detach()
+    advantages = advantages.detach()
+
+    # Padding may hold arbitrary log-probs; exp of a huge difference would be
+    # inf, and inf * 0 in the masked mean gives NaN. Forcing ratio = 1 there
+    # keeps both the forward and the backward pass finite.
+    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.maximum(pg_unclipped, pg_clipped)
+
+    stats: dict[str, Tensor] = {}
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        capped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+        stats["dual_clipfrac"] = masked_mean(capped.to(logprobs.dtype), mask).detach()
+
+    loss = aggregate_loss(per_token, mask, loss_agg)
+
+    with torch.no_grad():
+        stats["clipfrac"] = masked_mean((pg_clipped > pg_unclipped).to(logprobs.dtype), mask)
+        stats["approx_kl"] = masked_mean(0.5 * log_ratio.square(), mask)
+        stats["ratio_mean"] = masked_mean(ratio, mask)
+        # ratio > 0, so filling padding with 0 leaves the valid max (or 0 if empty).
+        stats["ratio_max"] = torch.where(valid, ratio, torch.zeros_like(ratio)).max()
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range_value: float | None = 0.2,
+    loss_agg: str = "token_mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value-function loss.
+
+    values: ``(batch, resp_len)`` current predictions (with grad);
+    old_values, returns: ``(batch, resp_len)`` from the rollout (detached here).
+
+    ``V_clip = V_old + clip(V - V_old, -c, c)``
+    ``l_t = 0.5 * max((V - R)^2, (V_clip - R)^2)``
+
+    The pessimistic max keeps the critic from moving more than ``c`` away from
+    its rollout-time prediction in one update. ``clip_range_value=None`` gives
+    the plain ``0.5 * (V - R)^2``.
+    Stats: ``vf_clipfrac`` (fraction of valid tokens where the clipped error
+    is the larger one) and ``value_error`` (masked mean of ``(V - R)^2``).
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    err_unclipped = (values - returns).square()
+
+    if clip_range_value is None:
+        per_token = 0.5 * err_unclipped
+        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        if clip_range_value <= 0:
+            raise ValueError(f"clip_range_value must be > 0 or None, got {clip_range_value}")
+        v_clipped = old_values + torch.clamp(
+            values - old_values, -clip_range_value, clip_range_value
+        )
+        err_clipped = (v_clipped - returns).square()
+        per_token = 0.5 * torch.maximum(err_unclipped, err_clipped)
+        clipfrac = masked_mean((err_clipped > err_unclipped).to(values.dtype), mask)
+
+    loss = aggregate_loss(per_token, mask, loss_agg)
+    stats = {
+        "vf_clipfrac": clipfrac.detach(),
+        "value_error": masked_mean(err_unclipped, mask).detach(),
+    }
+    return loss, stats

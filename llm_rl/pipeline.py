@@ -1,0 +1,114 @@
+"""From a Config to a finished run: load tokenizer, policy, reference, rewards and prompts, then train.
+
+`recipes/ppo.py` and `llm-rl ppo` both call `run_ppo(config)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Optional
+
+from accelerate.utils import set_seed
+
+from llm_rl.config import Config, ConfigError
+from llm_rl.data import PromptData, load_prompt_dataset
+from llm_rl.modeling import CausalLMWithValueHead
+from llm_rl.rewards import RewardModel, load_reward_function
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer with left padding for generation and a pad token distinct from EOS.
+
+    llm_rl never infers masks from pad ids, but a distinct pad keeps EOS visible to any
+    code that does (reward models' last-token pooling among them).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def load_policy(config: Config, tokenizer) -> CausalLMWithValueHead:
+    m = config.model
+    if m.model_name_or_path is None:
+        raise ConfigError("model_name_or_path is not set: give a Hub id or a local folder of a causal LM")
+    policy = CausalLMWithValueHead.from_pretrained(
+        m.model_name_or_path,
+        value_head_path=m.value_model_name_or_path,
+        value_head_init_std=m.value_head_init_std,
+        torch_dtype=m.torch_dtype,
+        trust_remote_code=m.trust_remote_code,
+    )
+    resize_for_tokenizer(policy.pretrained_model, tokenizer)
+    return policy
+
+
+def resize_for_tokenizer(lm, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer gained a token (the pad) the model has no row for."""
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+        logger.warning("resizing token embeddings to %d for the added pad token", len(tokenizer))
+        lm.resize_token_embeddings(len(tokenizer))
+
+
+def load_reference(config: Config, tokenizer) -> Optional[CausalLMWithValueHead]:
+    """An explicit reference model, or None (the trainer then copies the initial policy)."""
+    m = config.model
+    if m.ref_model_name_or_path is None:
+        return None
+    ref = CausalLMWithValueHead.from_pretrained(
+        m.ref_model_name_or_path, value_head=False, torch_dtype=m.torch_dtype, trust_remote_code=m.trust_remote_code
+    )
+    resize_for_tokenizer(ref.pretrained_model, tokenizer)
+    return ref
+
+
+def load_rewards(config: Config) -> list:
+    r = config.reward
+    rewards = []
+    if r.reward_model_name_or_path is not None:
+        rewards.append(
+            RewardModel.from_pretrained(
+                r.reward_model_name_or_path,
+                trust_remote_code=config.model.trust_remote_code,
+                torch_dtype=config.model.torch_dtype,
+            )
+        )
+    rewards += [load_reward_function(spec) for spec in r.reward_funcs]
+    if not rewards:
+        raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs ('module:function')")
+    return rewards
+
+
+def load_prompts(config: Config, tokenizer) -> PromptData:
+    d = config.data
+    if d.dataset_name is None:
+        raise ConfigError("dataset_name is not set: give a Hub dataset id or a local .json/.jsonl/.csv/.parquet file")
+    dataset = load_prompt_dataset(d.dataset_name, d.dataset_split, d.dataset_config)
+    return PromptData(dataset, tokenizer, d.prompt_column, d.max_prompt_length, d.truncate_prompts)
+
+
+def run_ppo(config: Config, eval_fn: Optional[Callable] = None):
+    """Load everything the config names and train; returns the trainer and per-update metrics."""
+    from llm_rl.trainer import PPOTrainer
+
+    config.validate()
+    set_seed(config.train.seed)  # identical initial weights (value head) on every process
+    m = config.model
+    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code)
+    rewards = load_rewards(config)
+    prompts = load_prompts(config, tokenizer)
+    policy = load_policy(config, tokenizer)
+    trainer = PPOTrainer(
+        config, policy, tokenizer, prompts, rewards, ref_model=load_reference(config, tokenizer), eval_fn=eval_fn
+    )
+    history = trainer.train()
+    return trainer, history

@@ -1,0 +1,159 @@
+"""Rollouts: sample responses, cut them at the stop token, score them token by token.
+
+Every per-token tensor of a `Rollout` is aligned to response positions:
+column t of `logprobs`, `values`, `ref_logprobs` and `response_mask` all refer
+to `response_ids[:, t]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+
+from llm_rl.modeling import CausalLMWithValueHead
+from llm_rl.ops import logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (batch, prompt_len), left-padded
+    prompt_mask: torch.Tensor  # (batch, prompt_len)
+    response_ids: torch.Tensor  # (batch, resp_len), pad after the stop token
+    response_mask: torch.Tensor  # (batch, resp_len) 1 on response tokens, the stop token included
+    ended: torch.Tensor  # (batch,) bool: the response emitted a stop token
+    logprobs: Optional[torch.Tensor] = None  # (batch, resp_len) log pi_old(a_t | x_t)
+    values: Optional[torch.Tensor] = None  # (batch, resp_len) V_old(x_t)
+    ref_logprobs: Optional[torch.Tensor] = None  # (batch, resp_len)
+    scores: Optional[torch.Tensor] = None  # (batch,) sequence scores after shaping
+    token_rewards: Optional[torch.Tensor] = None  # (batch, resp_len)
+    advantages: Optional[torch.Tensor] = None  # (batch, resp_len)
+    returns: Optional[torch.Tensor] = None  # (batch, resp_len)
+    prompts: list = field(default_factory=list)  # prompt texts
+    completions: list = field(default_factory=list)  # response texts, stop token removed
+    columns: dict = field(default_factory=dict)  # other dataset columns, passed to reward functions
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The rows `index` of every tensor field (text fields are left out)."""
+        tensors = {
+            f.name: getattr(self, f.name)[index]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return Rollout(**tensors)
+
+
+def truncate_after_stop(
+    response_ids: torch.Tensor, stop_token_ids: list[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first stop token; pad the rest.
+
+    response_ids (batch, n) -> (ids (batch, n), mask (batch, n), ended (batch,) bool).
+    """
+    is_stop = torch.isin(response_ids, torch.tensor(stop_token_ids, device=response_ids.device))
+    # stops seen strictly before t: a position is kept while none has been seen yet.
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
+    mask = stops_before == 0
+    ids = response_ids.masked_fill(~mask, pad_token_id)
+    return ids, mask.long(), is_stop.any(dim=1)
+
+
+@torch.no_grad()
+def generate_responses(
+    lm,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    chunk_size: int,
+    do_sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (or decode greedily) with the KV cache in chunks of `chunk_size` prompts.
+
+    Returns (response_ids, response_mask, ended), trimmed to the longest response.
+    """
+    pieces = []
+    for start in range(0, prompt_ids.shape[0], chunk_size):
+        ids, mask = prompt_ids[start : start + chunk_size], prompt_mask[start : start + chunk_size]
+        out = lm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens,
+            **(dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}),
+            eos_token_id=stop_token_ids,
+            pad_token_id=pad_token_id,
+        )
+        response = out[:, ids.shape[1] :]
+        # generate stops when every row is done, so chunks can differ in length
+        pad = max_new_tokens - response.shape[1]
+        pieces.append(torch.nn.functional.pad(response, (0, pad), value=pad_token_id))
+    response_ids, response_mask, ended = truncate_after_stop(torch.cat(pieces), stop_token_ids, pad_token_id)
+    longest = max(int(response_mask.sum(dim=1).max()), 1)
+    return response_ids[:, :longest], response_mask[:, :longest], ended
+
+
+def forward_logprobs(
+    model: CausalLMWithValueHead,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+):
+    """One forward over prompt + response: log-probs of the response tokens and the values.
+
+    Returns (logprobs (batch, resp_len), values (batch, resp_len) or None, logits).
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    logits, values = model(input_ids, attention_mask, response_start=prompt_ids.shape[1])
+    logprobs = logprobs_from_logits(logits, response_ids, temperature)
+    return logprobs, values, logits
+
+
+@torch.no_grad()
+def score_tokens(
+    model: CausalLMWithValueHead,
+    rollout: Rollout,
+    temperature: float,
+    chunk_size: int,
+    reference: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """No-grad log-probs (and values) of a rollout's responses in chunks of `chunk_size` rows."""
+    logprobs, values = [], []
+    for start in range(0, len(rollout), chunk_size):
+        rows = slice(start, start + chunk_size)
+        lp, v, _ = forward_logprobs(
+            model,
+            rollout.prompt_ids[rows],
+            rollout.prompt_mask[rows],
+            rollout.response_ids[rows],
+            rollout.response_mask[rows],
+            temperature,
+        )
+        logprobs.append(lp)
+        if v is not None and not reference:
+            values.append(v)
+    mask = rollout.response_mask.bool()
+    logprobs = torch.cat(logprobs).masked_fill(~mask, 0.0)
+    values = torch.cat(values).float().masked_fill(~mask, 0.0) if values else None
+    return logprobs.float(), values

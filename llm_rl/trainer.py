@@ -1,0 +1,446 @@
+"""PPOTrainer: the loop. Every phase is one short method; the maths live in pure functions.
+
+    for update in range(num_updates):
+        rollout = self.rollout(batch)         # sample, then log-probs, values, reference log-probs
+        self.score(rollout)                   # rewards -> sequence scores
+        self.compute_advantages(rollout)      # token rewards (-beta*KL + score), GAE, whitening
+        stats = self.optimize(rollout)        # ppo_epochs x num_mini_batches x grad accumulation
+        self.kl_controller.update(...)        # adapt beta
+        self.log(...); self.evaluate(); ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from llm_rl.advantages import compute_gae
+from llm_rl.config import Config, ConfigError
+from llm_rl.data import PromptData, PromptSampler
+from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from llm_rl.losses import policy_loss, value_loss
+from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
+from llm_rl.ops import entropy_from_logits, masked_mean, masked_whiten
+from llm_rl.rewards import RewardFn, compute_scores, shape_scores, token_rewards
+from llm_rl.rollout import Rollout, forward_logprobs, generate_responses, score_tokens
+
+RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
+
+
+class PPOTrainer:
+    """Train `policy` (a CausalLMWithValueHead) with PPO against `rewards` on `prompts`.
+
+    `ref_model`: frozen reference for the KL penalty; by default a copy of the initial policy.
+    `eval_fn(trainer) -> dict`: optional held-out evaluation run every `eval_steps` updates
+    and at the end; its numbers are logged under `eval/`.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        policy: CausalLMWithValueHead,
+        tokenizer,
+        prompts: PromptData,
+        rewards: list[RewardFn],
+        ref_model: Optional[CausalLMWithValueHead] = None,
+        accelerator: Optional[Accelerator] = None,
+        eval_fn: Optional[Callable[[PPOTrainer], dict]] = None,
+    ):
+        config.validate()
+        if not rewards:
+            raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs")
+        self.config, self.tokenizer, self.prompts, self.rewards, self.eval_fn = (
+            config, tokenizer, prompts, rewards, eval_fn
+        )
+        cfg_t, cfg_p, cfg_s = config.train, config.ppo, config.sampling
+        log_with = None if cfg_t.report_to == "none" else cfg_t.report_to
+        self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=cfg_t.output_dir)
+        acc = self.accelerator
+        self.output_dir = Path(cfg_t.output_dir)
+        self._check_output_dir()
+
+        # ---- sizes: derived once, here, never changed later
+        self.micro_batch_size = cfg_p.batch_size // (cfg_p.num_mini_batches * cfg_p.gradient_accumulation_steps)
+        self.mini_batch_size = self.micro_batch_size * cfg_p.gradient_accumulation_steps
+        self.generation_batch_size = cfg_s.generation_batch_size or cfg_p.batch_size
+        self.sampler = PromptSampler(
+            len(prompts), cfg_p.batch_size, acc.num_processes, acc.process_index, cfg_t.seed, config.data.shuffle
+        )
+        self.num_updates = cfg_t.max_updates or max(
+            1, int(cfg_t.num_train_epochs * self.sampler.updates_per_epoch)
+        )
+        self.stop_token_ids = self._stop_token_ids()
+
+        # ---- models: dropout off so the rollout and the first training forward agree (ratio 1)
+        disable_dropout(policy)
+        if ref_model is None:
+            ref_model = CausalLMWithValueHead(copy.deepcopy(policy.pretrained_model), value_head=False)
+        disable_dropout(ref_model)
+        ref_model.requires_grad_(False).eval()
+        if config.model.gradient_checkpointing:
+            policy.pretrained_model.gradient_checkpointing_enable()
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg_p.learning_rate, weight_decay=cfg_p.weight_decay)
+        steps = self.num_updates * cfg_p.ppo_epochs * cfg_p.num_mini_batches
+        scheduler = get_scheduler(cfg_p.lr_scheduler_type, optimizer, cfg_p.warmup_steps, steps)
+        self.model, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
+        self.ref_model = self._prepare_reference(ref_model)
+        for reward in rewards:
+            if hasattr(reward, "to"):
+                reward.to(acc.device)
+
+        self.kl_controller = (
+            AdaptiveKLController(cfg_p.kl_coef, cfg_p.kl_target, cfg_p.kl_horizon)
+            if cfg_p.adaptive_kl
+            else FixedKLController(cfg_p.kl_coef)
+        )
+        # minibatch shuffling: same seed on every rank (same schedule), independent of sampling RNG
+        self.shuffle_generator = torch.Generator().manual_seed(cfg_t.seed)
+        self.update = 0
+        set_seed(cfg_t.seed, device_specific=True)  # ranks sample different responses
+
+    # ================================================================== setup helpers
+    def _check_output_dir(self) -> None:
+        metrics = self.output_dir / "metrics.jsonl"
+        if metrics.exists() and not self.config.train.overwrite_output_dir:
+            raise ConfigError(
+                f"{self.output_dir} already holds a run (metrics.jsonl); choose another output_dir "
+                "or set overwrite_output_dir: true"
+            )
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            metrics.write_text("")
+
+    def _stop_token_ids(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        stop = self.config.sampling.stop_token
+        if stop is not None:
+            stop_ids = self.tokenizer.convert_tokens_to_ids([stop])
+            if stop_ids[0] is None or stop_ids[0] == self.tokenizer.unk_token_id:
+                raise ConfigError(f"stop_token {stop!r} is not a single token of the tokenizer")
+            ids += stop_ids
+        if not ids:
+            raise ConfigError("the tokenizer has no eos_token and no stop_token is set: responses could never end")
+        if self.tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; llm_rl.pipeline.load_tokenizer adds one")
+        return ids
+
+    def _prepare_reference(self, ref_model: CausalLMWithValueHead) -> CausalLMWithValueHead:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            # ZeRO-3 shards every model it runs; the frozen reference takes an inference engine
+            return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return ref_model.to(self.accelerator.device)
+
+    # ================================================================== the loop
+    def train(self) -> list[dict]:
+        """Run `num_updates` PPO updates; returns the per-update metrics."""
+        acc, cfg_t = self.accelerator, self.config.train
+        if cfg_t.report_to != "none":
+            acc.init_trackers(cfg_t.run_name or "llm_rl", config=flat_config(self.config))
+        history = []
+        batches = iter(self.sampler)
+        bar = tqdm(
+            total=self.num_updates,
+            initial=self.update,
+            desc="ppo",
+            disable=not (acc.is_main_process and cfg_t.progress_bar),
+            dynamic_ncols=True,
+        )
+        while self.update < self.num_updates:
+            start = time.perf_counter()
+            rollout, timing = self.rollout(self.prompts.batch(next(batches)))
+            t0 = time.perf_counter()
+            reward_means = self.score(rollout)
+            kl_per_token = self.compute_advantages(rollout)
+            timing["time/reward"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            train_stats = self.optimize(rollout)
+            timing["time/train"] = time.perf_counter() - t0
+            self.update += 1
+            metrics = self.rollout_metrics(rollout, kl_per_token, reward_means)
+            self.kl_controller.update(metrics["kl/per_sequence"], self.sampler.global_batch)
+            metrics.update(train_stats)
+            metrics.update(timing)
+            metrics["time/update"] = time.perf_counter() - start
+            metrics["tokens_per_second"] = metrics["response/tokens"] / metrics["time/update"]
+            if self.eval_fn is not None and cfg_t.eval_steps and (
+                self.update % cfg_t.eval_steps == 0 or self.update == self.num_updates
+            ):
+                metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self).items()})
+            metrics = {"update": self.update, **metrics}
+            history.append(metrics)
+            self.log(metrics, bar)
+        bar.close()
+        self.save_model(self.output_dir)
+        if cfg_t.report_to != "none":
+            acc.end_training()
+        return history
+
+    # ================================================================== phases
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> tuple[Rollout, dict]:
+        """Sample responses and take their old log-probs, values and reference log-probs."""
+        acc, cfg_s = self.accelerator, self.config.sampling
+        prompt_ids, prompt_mask = batch["prompt_ids"].to(acc.device), batch["prompt_mask"].to(acc.device)
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped.eval()
+        t0 = time.perf_counter()
+        with gathered_for_generation(self.model, acc) as lm:
+            response_ids, response_mask, ended = generate_responses(
+                lm,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens=cfg_s.max_new_tokens,
+                temperature=cfg_s.temperature,
+                top_k=cfg_s.top_k,
+                top_p=cfg_s.top_p,
+                stop_token_ids=self.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                chunk_size=self.generation_batch_size,
+            )
+        t1 = time.perf_counter()
+        rollout = Rollout(
+            prompt_ids, prompt_mask, response_ids, response_mask, ended,
+            prompts=batch["prompts"], columns=batch["columns"],
+        )
+        rollout.completions = self.decode(rollout)
+        with acc.autocast():
+            rollout.logprobs, rollout.values = score_tokens(
+                unwrapped, rollout, cfg_s.temperature, self.micro_batch_size
+            )
+            rollout.ref_logprobs, _ = score_tokens(
+                self.ref_model, rollout, cfg_s.temperature, self.micro_batch_size, reference=True
+            )
+        unwrapped.train()
+        return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        """Response texts without the stop token or padding."""
+        lengths = rollout.response_mask.sum(dim=1).tolist()
+        ended = rollout.ended.tolist()
+        ids = rollout.response_ids.tolist()
+        kept = [row[: n - int(stop)] for row, n, stop in zip(ids, lengths, ended)]
+        return self.tokenizer.batch_decode(kept, skip_special_tokens=True)
+
+    def score(self, rollout: Rollout) -> dict[str, float]:
+        """Sequence scores from every reward, weighted, scaled, clipped and EOS-penalised."""
+        cfg_r, cfg_s = self.config.reward, self.config.sampling
+        scores, per_reward = compute_scores(
+            self.rewards, cfg_r.reward_weights, rollout.prompts, rollout.completions, rollout.columns
+        )
+        rollout.scores = shape_scores(
+            scores.to(self.accelerator.device),
+            rollout.ended,
+            scale=cfg_r.reward_scale,
+            clip=cfg_r.reward_clip,
+            missing_eos_penalty=cfg_s.missing_eos_penalty,
+        )
+        return per_reward
+
+    def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
+        """Token rewards, GAE advantages and returns; returns the per-token KL (batch, resp_len)."""
+        cfg_p = self.config.ppo
+        mask = rollout.response_mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg_p.kl_estimator) * mask
+        beta = self.kl_controller.value if cfg_p.kl_placement == "reward" else 0.0
+        rewards = token_rewards(rollout.scores, kl, mask, beta)
+        if self.config.reward.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg_p.gamma, cfg_p.lam)
+        if cfg_p.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        rollout.token_rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
+        return kl
+
+    def optimize(self, rollout: Rollout) -> dict[str, float]:
+        """ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches."""
+        cfg_p, acc = self.config.ppo, self.accelerator
+        sums: dict[str, torch.Tensor] = {}
+        n_micro = 0
+        for epoch in range(cfg_p.ppo_epochs):
+            order = torch.randperm(len(rollout), generator=self.shuffle_generator).to(acc.device)
+            for mini in range(cfg_p.num_mini_batches):
+                mini_rows = order[mini * self.mini_batch_size : (mini + 1) * self.mini_batch_size]
+                for micro in range(cfg_p.gradient_accumulation_steps):
+                    rows = mini_rows[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
+                    last_micro = micro == cfg_p.gradient_accumulation_steps - 1
+                    sync = contextlib.nullcontext() if last_micro else acc.no_sync(self.model)
+                    with sync:
+                        stats = self.train_step(trim_responses(rollout.select(rows)))
+                    if epoch == 0 and mini == 0 and micro == 0:
+                        self.check_first_ratio(stats["policy/ratio_max_dev"])
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_micro += 1
+                if cfg_p.max_grad_norm is not None:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg_p.max_grad_norm)
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.as_tensor(grad_norm).float().detach()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        means = {k: v / n_micro for k, v in sums.items() if k != "grad_norm"}
+        if "grad_norm" in sums:
+            means["grad_norm"] = sums["grad_norm"] / (cfg_p.ppo_epochs * cfg_p.num_mini_batches)
+        means = self.global_mean({k: torch.as_tensor(v, device=acc.device) for k, v in means.items()})
+        means["lr"] = self.scheduler.get_last_lr()[0]
+        return means
+
+    def train_step(self, batch: Rollout) -> dict[str, torch.Tensor]:
+        """Loss on one micro-batch and its backward; returns detached stats."""
+        cfg_p, acc = self.config.ppo, self.accelerator
+        mask = batch.response_mask
+        logprobs, values, logits = forward_logprobs(
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask,
+            self.config.sampling.temperature,
+        )
+        pg_loss, pg_stats = policy_loss(
+            logprobs, batch.logprobs, batch.advantages, mask,
+            clip_range=cfg_p.clip_range, dual_clip=cfg_p.dual_clip, loss_agg=cfg_p.loss_agg,
+        )
+        vf_loss, vf_stats = value_loss(
+            values.float(), batch.values, batch.returns, mask,
+            clip_range_value=cfg_p.clip_range_value, loss_agg=cfg_p.loss_agg,
+        )
+        entropy = masked_mean(entropy_from_logits(logits.detach() if cfg_p.ent_coef == 0 else logits,
+                                                  self.config.sampling.temperature), mask)
+        loss = pg_loss + cfg_p.vf_coef * vf_loss - cfg_p.ent_coef * entropy
+        if cfg_p.kl_placement == "loss":
+            kl = masked_mean(kl_penalty(logprobs, batch.ref_logprobs, cfg_p.kl_estimator), mask)
+            loss = loss + self.kl_controller.value * kl
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"update {self.update + 1}: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}); "
+                "lower learning_rate, check rewards for huge values, or set max_grad_norm"
+            )
+        acc.backward(loss / cfg_p.gradient_accumulation_steps)
+        valid = mask.bool()
+        ratio_dev = (logprobs.detach() - batch.logprobs).exp().sub(1).abs().masked_fill(~valid, 0).max()
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+            "loss/total": loss.detach(),
+            "entropy": entropy.detach(),
+            "policy/clipfrac": pg_stats["clipfrac"],
+            "policy/approx_kl": pg_stats["approx_kl"],
+            "policy/ratio_max_dev": ratio_dev,
+            "value/clipfrac": vf_stats["vf_clipfrac"],
+            "value/error": vf_stats["value_error"],
+        }
+        return stats
+
+    def check_first_ratio(self, max_dev: torch.Tensor) -> None:
+        """Before any step the new/old ratio must be 1; otherwise rollout and training disagree."""
+        dtype = next(self.model.parameters()).dtype
+        if self.accelerator.mixed_precision != "no":
+            dtype = torch.bfloat16
+        tolerance = RATIO_TOLERANCE.get(dtype, 5e-2)
+        if float(max_dev) > tolerance:
+            warnings.warn(
+                f"update {self.update + 1}: on the first minibatch the PPO ratio deviates from 1 by "
+                f"{float(max_dev):.2e} (> {tolerance:g}). Rollout and training forwards disagree: check padding, "
+                "position ids, dropout, or a sampling temperature applied differently.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # ================================================================== metrics, logging, saving
+    def rollout_metrics(self, rollout: Rollout, kl: torch.Tensor, reward_means: dict) -> dict[str, float]:
+        """Global (all-process) means of what the rollout produced."""
+        mask = rollout.response_mask.float()
+        n_tokens = mask.sum()
+        valid = mask.bool()
+        values, returns = rollout.values, rollout.returns
+        # explained variance pieces: sums so they reduce exactly across processes
+        local = {
+            "score/mean": rollout.scores.float().mean(),
+            "kl/per_sequence": kl.sum(dim=1).mean(),
+            "kl/per_token": (kl.sum() / n_tokens.clamp(min=1)),
+            "response/length": mask.sum(dim=1).mean(),
+            "response/eos_rate": rollout.ended.float().mean(),
+            "value/mean": masked_mean(values, mask),
+            "advantage/mean_raw_reward": masked_mean(rollout.token_rewards, mask),
+        }
+        out = self.global_mean(local)
+        ret_mean = masked_mean(returns, mask)
+        var_ret = masked_mean((returns - ret_mean) ** 2, mask)
+        var_res = masked_mean((returns - values).masked_fill(~valid, 0) ** 2, mask)
+        ev = self.global_mean({"var_ret": var_ret, "var_res": var_res})
+        out["value/explained_variance"] = 1.0 - ev["var_res"] / max(ev["var_ret"], 1e-8)
+        out["response/tokens"] = float(self.accelerator.reduce(n_tokens.detach().clone(), "sum"))
+        for name, value in reward_means.items():
+            out[f"reward/{name}"] = value  # main process's rows
+        out["kl/beta"] = self.kl_controller.value
+        return out
+
+    def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over processes of per-process scalars (one collective for all of them)."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        stacked = torch.stack([torch.as_tensor(values[k]).float().reshape(()) for k in keys]).to(
+            self.accelerator.device
+        )
+        stacked = self.accelerator.reduce(stacked, "mean")
+        return dict(zip(keys, stacked.tolist()))
+
+    def log(self, metrics: dict, bar) -> None:
+        acc = self.accelerator
+        if self.config.train.report_to != "none":
+            acc.log(metrics, step=self.update)
+        if acc.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            if self.update % self.config.train.logging_steps == 0 or self.update == self.num_updates:
+                bar.write(summary_line(metrics))
+
+    def save_model(self, directory: Path) -> None:
+        """Policy (plain causal LM), value head, tokenizer and the config used; main process writes."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        state_dict = acc.get_state_dict(self.model)  # every rank joins: gathers ZeRO-3/FSDP shards
+        if acc.is_main_process:
+            acc.unwrap_model(self.model).save_pretrained(directory, state_dict=state_dict)
+            self.tokenizer.save_pretrained(directory)
+            self.config.save_yaml(Path(directory) / "config.yaml")
+        acc.wait_for_everyone()
+
+
+def trim_responses(batch: Rollout) -> Rollout:
+    """Drop response columns that are padding in every row of this micro-batch."""
+    longest = max(int(batch.response_mask.sum(dim=1).max()), 1)
+    for name in ("response_ids", "response_mask", "logprobs", "values", "ref_logprobs",
+                 "token_rewards", "advantages", "returns"):
+        tensor = getattr(batch, name)
+        if tensor is not None:
+            setattr(batch, name, tensor[:, :longest])
+    return batch
+
+
+def summary_line(metrics: dict) -> str:
+    keys = [("score/mean", "score"), ("kl/per_sequence", "kl"), ("kl/beta", "beta"), ("entropy", "ent"),
+            ("loss/policy", "pg"), ("loss/value", "vf"), ("policy/clipfrac", "clip"),
+            ("response/length", "len"), ("time/update", "s")]
+    parts = [f"update {metrics['update']}"]
+    parts += [f"{short} {metrics[k]:.4g}" for k, short in keys if k in metrics and math.isfinite(metrics[k])]
+    parts += [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/")]
+    return " | ".join(parts)
+
+
+def flat_config(config: Config) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for section in config.to_dict().values() for k, v in section.items()}
