@@ -1,6 +1,7 @@
 """The `llm-rl` command.
 
     llm-rl demo [--seed 0] [--output_dir outputs/demo] [--max_updates N] [--warm_start_steps N] [--overwrite]
+                [--prepare_only] [--any_config_key value ...]
     llm-rl ppo --config recipes/configs/X.yaml [--any_config_key value ...]
 
 Both run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`).
@@ -25,7 +26,7 @@ def ppo_main(argv: list[str]) -> int:
         config_path, argv = argv[0].split("=", 1)[1], argv[1:]
     from llm_rl.pipeline import run_ppo
 
-    config = Config.from_yaml(config_path, argv) if config_path else Config.from_dict({}).__class__.from_yaml(None, argv)
+    config = Config.from_yaml(config_path, argv)
     run_ppo(config)
     return 0
 
@@ -40,9 +41,11 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--max_updates", type=int, default=None, help="PPO updates (default: the recipe's)")
     parser.add_argument("--warm_start_steps", type=int, default=defaults.warm_start_steps)
     parser.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a run")
+    parser.add_argument("--prepare_only", action="store_true", help="only build the warm-started model and data")
     args, overrides = parser.parse_known_args(argv)
-    run_demo(DemoOptions(output_dir=args.output_dir, seed=args.seed, warm_start_steps=args.warm_start_steps,
-                         max_updates=args.max_updates, overwrite=args.overwrite), overrides)
+    options = DemoOptions(output_dir=args.output_dir, seed=args.seed, warm_start_steps=args.warm_start_steps,
+                          max_updates=args.max_updates, overwrite=args.overwrite, prepare_only=args.prepare_only)
+    run_demo(options, overrides)
     return 0
 
 

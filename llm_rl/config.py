@@ -97,11 +97,11 @@ class RewardConfig:
     reward_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Sequence classifier with one output, scoring prompt + completion."}
     )
-    reward_funcs: list = field(
+    reward_funcs: list[str] = field(
         default_factory=list,
         metadata={"help": "Reward functions as 'module.path:function', each (prompts, completions, **columns)."},
     )
-    reward_weights: Optional[list] = field(
+    reward_weights: Optional[list[float]] = field(
         default=None, metadata={"help": "One weight per reward (model first, then functions); default all 1."}
     )
     reward_scale: float = field(default=1.0, metadata={"help": "Multiply scores by this."})
@@ -329,12 +329,13 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
             return out
         if field_type is str:
             return str(value)
-        if field_type is list:
+        if typing.get_origin(field_type) is list or field_type is list:
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
-            return list(value)
+            (item_type,) = typing.get_args(field_type) or (None,)
+            return [coerce(v, item_type, key, source) for v in value] if item_type else list(value)
     except (TypeError, ValueError):
         pass
     else:
@@ -365,7 +366,7 @@ def parse_overrides(args: list[str]) -> dict:
         arg = args[i]
         if not arg.startswith("--"):
             raise ConfigError(f"command line: expected --key value, got {arg!r}")
-        key = arg[2:].replace("-", "_")
+        key = arg[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
@@ -373,6 +374,7 @@ def parse_overrides(args: list[str]) -> dict:
             raw, i = args[i + 1], i + 2
         else:
             raw, i = "true", i + 1  # a bare flag switches a boolean on
+        key = key.replace("-", "_")
         try:
             values[key] = yaml.safe_load(raw)
         except yaml.YAMLError:

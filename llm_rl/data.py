@@ -25,10 +25,10 @@ def load_prompt_dataset(name: str, split: str = "train", config_name: Optional[s
     import datasets
 
     path = Path(name)
-    if path.suffix in LOCAL_FORMATS:
+    if path.suffix.lower() in LOCAL_FORMATS:
         if not path.is_file():
             raise DataError(f"dataset file not found: {path}")
-        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        return datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
     if path.is_dir() and (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(path))
     return datasets.load_dataset(name, config_name, split=split)

@@ -32,11 +32,12 @@ DEMO_CONFIG = Path(__file__).parent / "tasks" / "addition_ppo.yaml"
 class DemoOptions:
     output_dir: str = "outputs/demo"
     seed: int = 0
-    warm_start_steps: int = 500
+    warm_start_steps: int = 600
     max_updates: Optional[int] = None  # default from the YAML recipe
     num_digits: int = 2
     num_heldout: int = 500
     overwrite: bool = False
+    prepare_only: bool = False  # build the warm start and data, then stop (for recipes/configs/addition.yaml)
 
 
 def build_warm_start(train: Sequence[arithmetic.Problem], steps: int, seed: int, folder: Path) -> list[float]:
@@ -123,6 +124,10 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
         arithmetic.write_jsonl(train, data_file)
     accelerator.wait_for_everyone()
     t_warm = time.perf_counter() - start
+    if options.prepare_only:
+        if accelerator.is_main_process:
+            print(f"[demo] warm-started policy in {warm_dir}, prompts in {data_file}")
+        return {}
 
     # 2. load it back like a user's model, and evaluate before RL
     set_seed(options.seed)

@@ -36,7 +36,10 @@ def load_reward_function(spec: str) -> RewardFn:
             raise RewardError(f"reward function {spec!r}: file {path} not found")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise RewardError(f"reward function {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(module_name)
@@ -86,7 +89,8 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
-        self.tokenizer.padding_side = "right"
+        # right padding so the last non-pad token is the text's end; cut prompts, never completions
+        self.tokenizer.padding_side, self.tokenizer.truncation_side = "right", "left"
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(prompts), self.batch_size):
@@ -168,8 +172,7 @@ def token_rewards(
     The last response token is the stop token when the response ended, never a pad
     position; a row with no response tokens gets no reward at all.
     """
-    mask = response_mask.to(kl.dtype)
-    rewards = -beta * kl * mask
+    rewards = torch.where(response_mask.bool(), -beta * kl, torch.zeros_like(kl))
     lengths = response_mask.long().sum(dim=1)  # (batch,)
     has_tokens = lengths > 0
     last = (lengths - 1).clamp(min=0)

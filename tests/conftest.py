@@ -1,0 +1,75 @@
+"""Shared fixtures: a character-level tokenizer and a tiny GPT-2, built once and saved locally.
+
+Everything is offline. Tests load the saved folder with `from_pretrained`, the same
+path a Hub id takes, and get a fresh copy each time so they may mutate what they get.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_rl.tasks.arithmetic import build_model, build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random GPT-2 (2 layers, width 32, 32 positions) and its tokenizer.
+
+    Vocabulary (15 tokens): <pad>=0, <eos>=1, <unk>=2, '0'..'9'=3..12, '+'=13, '='=14.
+    """
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    """A fresh copy of the tiny tokenizer (tests may set chat_template, padding side, ...)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir):
+    """A fresh plain `AutoModelForCausalLM` copy of the tiny GPT-2, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align token lists: (ids (batch, longest), mask (batch, longest))."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, longest - len(seq) :] = torch.tensor(seq)
+            mask[row, longest - len(seq) :] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], width: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-align token lists in `width` columns: (ids (batch, width), mask (batch, width))."""
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def pad_helpers():
+    """(left_pad, right_pad) helpers, as a fixture so test modules need not import conftest."""
+    return left_pad, right_pad

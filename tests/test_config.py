@@ -1,0 +1,230 @@
+import pytest
+
+from llm_rl.config import Config, ConfigError, parse_overrides
+
+
+def write(tmp_path, text: str, name: str = "config.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------- YAML files
+
+
+def test_flat_yaml(tmp_path):
+    path = write(
+        tmp_path,
+        "model_name_or_path: my/model\n"
+        "learning_rate: 1e-5\n"  # PyYAML reads 1e-5 (no dot) as a string: it must still become a float
+        "batch_size: 8\n"
+        "temperature: 0.7\n"
+        "whiten_rewards: true\n"
+        "reward_funcs: ['pkg.mod:f']\n"
+        "reward_clip: null\n",
+    )
+    config = Config.from_yaml(path)
+    assert config.model.model_name_or_path == "my/model"
+    assert config.ppo.learning_rate == 1e-5 and isinstance(config.ppo.learning_rate, float)
+    assert config.ppo.batch_size == 8 and isinstance(config.ppo.batch_size, int)
+    assert config.sampling.temperature == 0.7
+    assert config.reward.whiten_rewards is True
+    assert config.reward.reward_funcs == ["pkg.mod:f"]
+    assert config.reward.reward_clip is None
+    # untouched keys keep their defaults
+    assert config.ppo.clip_range == 0.2
+    assert config.train.seed == 42
+
+
+def test_sectioned_yaml(tmp_path):
+    path = write(
+        tmp_path,
+        "model:\n  model_name_or_path: my/model\n"
+        "ppo:\n  learning_rate: 3.0e-6\n  batch_size: 4\n  num_mini_batches: 2\n"
+        "sampling:\n  max_new_tokens: 5\n"
+        "train:\n  seed: 7\n",
+    )
+    config = Config.from_yaml(path)
+    assert config.model.model_name_or_path == "my/model"
+    assert config.ppo.learning_rate == 3e-6
+    assert config.ppo.batch_size == 4
+    assert config.ppo.num_mini_batches == 2
+    assert config.sampling.max_new_tokens == 5
+    assert config.train.seed == 7
+
+
+def test_key_in_the_wrong_section_is_rejected(tmp_path):
+    path = write(tmp_path, "ppo:\n  temperature: 0.5\n")
+    with pytest.raises(ConfigError, match="temperature"):
+        Config.from_yaml(path)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        Config.from_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        Config.from_yaml(write(tmp_path, "- a\n- b\n"))
+
+
+# ----------------------------------------------------------------- command-line overrides
+
+
+def test_space_separated_overrides_coerce_types(tmp_path):
+    path = write(tmp_path, "batch_size: 8\nreward_clip: 2.0\nmax_grad_norm: 1.0\n")
+    config = Config.from_yaml(
+        path,
+        [
+            "--batch_size", "32",
+            "--learning_rate", "1e-5",
+            "--temperature", "0.5",
+            "--whiten_rewards",  # a bare flag switches a boolean on
+            "--shuffle", "false",
+            "--reward_clip", "null",
+            "--max_grad_norm", "None",
+            "--reward_funcs", "pkg.a:f, pkg.b:g",
+            "--max-new-tokens", "7",  # dashes in a key mean underscores
+        ],
+    )  # fmt: skip
+    assert config.ppo.batch_size == 32 and isinstance(config.ppo.batch_size, int)
+    assert config.ppo.learning_rate == 1e-5 and isinstance(config.ppo.learning_rate, float)
+    assert config.sampling.temperature == 0.5
+    assert config.reward.whiten_rewards is True
+    assert config.data.shuffle is False
+    assert config.reward.reward_clip is None
+    assert config.ppo.max_grad_norm is None
+    assert config.reward.reward_funcs == ["pkg.a:f", "pkg.b:g"]
+    assert config.sampling.max_new_tokens == 7
+
+
+def test_equals_overrides_coerce_types():
+    config = Config.from_yaml(
+        None,
+        ["--batch_size=32", "--temperature=0.5", "--whiten_rewards=true", "--reward_clip=null", "--seed=3"],
+    )
+    assert config.ppo.batch_size == 32
+    assert config.sampling.temperature == 0.5
+    assert config.reward.whiten_rewards is True
+    assert config.reward.reward_clip is None
+    assert config.train.seed == 3
+
+
+def test_equals_overrides_keep_dashes_in_the_value():
+    # Only the key's dashes mean underscores; the value after '=' must be kept as written.
+    config = Config.from_yaml(None, ["--learning_rate=1e-5", "--output_dir=runs/ppo-tiny", "--max-new-tokens=5"])
+    assert config.ppo.learning_rate == 1e-5
+    assert config.train.output_dir == "runs/ppo-tiny"
+    assert config.sampling.max_new_tokens == 5
+    assert parse_overrides(["--reward_clip=-1.5"]) == {"reward_clip": -1.5}
+
+
+def test_space_and_equals_forms_agree():
+    args = ["--learning_rate", "2e-4", "--run_name", "a-b", "--kl_coef", "0.1"]
+    equals = [f"{k}={v}" for k, v in zip(args[::2], args[1::2])]
+    assert parse_overrides(args) == parse_overrides(equals)
+
+
+def test_reward_weights_from_comma_string_are_numbers():
+    config = Config.from_yaml(None, ["--reward_funcs", "pkg.a:f,pkg.b:g", "--reward_weights", "0.5,2"])
+    assert config.reward.reward_weights == [0.5, 2.0]
+    assert all(isinstance(w, (int, float)) for w in config.reward.reward_weights)
+
+
+def test_unknown_key_suggests_the_closest_one(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(None, ["--learning_rat", "1e-5"])
+    assert "learning_rat'" in str(e.value) and "learning_rate" in str(e.value)
+    assert "command line" in str(e.value)
+
+    path = write(tmp_path, "ppo:\n  bach_size: 4\n")
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(path)
+    assert "batch_size" in str(e.value) and str(path) in str(e.value)
+
+    with pytest.raises(ConfigError, match="temperature"):
+        Config.from_yaml(write(tmp_path, "temprature: 0.5\n", "flat.yaml"))
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--batch_size", "abc"], "batch_size"),
+        (["--batch_size", "2.5"], "batch_size"),
+        (["--learning_rate", "fast"], "learning_rate"),
+        (["--learning_rate", "true"], "learning_rate"),
+        (["--whiten_rewards", "maybe"], "whiten_rewards"),
+        (["--temperature", "null"], "temperature"),  # not Optional
+        (["--reward_funcs", "3"], "reward_funcs"),
+    ],
+)
+def test_wrong_type_names_the_key(args, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        Config.from_yaml(None, args)
+
+
+def test_override_without_dashes_is_rejected():
+    with pytest.raises(ConfigError, match="batch_size"):
+        Config.from_yaml(None, ["batch_size", "4"])
+
+
+# ----------------------------------------------------------------- validation
+
+
+def test_validate_batch_divisibility():
+    Config.from_dict({"batch_size": 8, "num_mini_batches": 2, "gradient_accumulation_steps": 2}).validate()
+    config = Config.from_dict({"batch_size": 10, "num_mini_batches": 2, "gradient_accumulation_steps": 2})
+    with pytest.raises(ConfigError, match="batch_size") as e:
+        config.validate()
+    assert "divisible" in str(e.value) and "10" in str(e.value)
+
+
+def test_validate_temperature():
+    with pytest.raises(ConfigError, match="temperature"):
+        Config.from_dict({"temperature": 0}).validate()
+    with pytest.raises(ConfigError, match="temperature"):
+        Config.from_yaml(None, ["--temperature", "0"])
+
+
+def test_validate_reward_weights_count():
+    ok = Config.from_dict({"reward_model_name_or_path": "rm", "reward_funcs": ["a.b:f"], "reward_weights": [1.0, 0.5]})
+    ok.validate()
+    bad = Config.from_dict({"reward_funcs": ["a.b:f"], "reward_weights": [1.0, 0.5]})
+    with pytest.raises(ConfigError, match="reward_weights") as e:
+        bad.validate()
+    assert "2" in str(e.value) and "1" in str(e.value)
+
+
+def test_validate_reward_funcs_spec():
+    with pytest.raises(ConfigError, match="no_colon_here"):
+        Config.from_dict({"reward_funcs": ["no_colon_here"]}).validate()
+
+
+def test_defaults_are_valid():
+    Config().validate()
+
+
+# ----------------------------------------------------------------- save / load
+
+
+def test_save_yaml_round_trip(tmp_path):
+    config = Config.from_dict(
+        {
+            "model": {"model_name_or_path": "some/model", "value_head_init_std": 0.01},
+            "learning_rate": 3e-6,
+            "batch_size": 12,
+            "num_mini_batches": 3,
+            "max_grad_norm": None,
+            "reward_funcs": ["pkg.a:f", "pkg.b:g"],
+            "reward_weights": [1.0, 0.25],
+            "missing_eos_penalty": 1.5,
+            "stop_token": "</s>",
+            "whiten_advantages": False,
+            "seed": 123,
+        }
+    )
+    path = tmp_path / "saved.yaml"
+    config.save_yaml(path)
+    loaded = Config.from_yaml(path)
+    assert loaded == config
+    assert loaded.ppo.max_grad_norm is None
+    assert loaded.reward.reward_weights == [1.0, 0.25]
+    assert loaded != Config()
