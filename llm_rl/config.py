@@ -159,6 +159,13 @@ class TrainConfig:
         default=1.0, metadata={"help": "Passes over the prompts (used when max_updates is not set)."}
     )
     logging_steps: int = field(default=1, metadata={"help": "Print a summary line every N updates."})
+    save_steps: int = field(
+        default=0, metadata={"help": "Write a resumable checkpoint every N updates and at the end (0 = none)."}
+    )
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "'latest' (newest in output_dir, if any) or a checkpoint-N folder."}
+    )
     eval_steps: int = field(default=0, metadata={"help": "Run the evaluation callback every N updates (0 = off)."})
     report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, tensorboard, wandb, all."})
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name."})
@@ -260,6 +267,8 @@ class Config:
             (t.max_updates is None or t.max_updates >= 1, "max_updates must be >= 1"),
             (t.num_train_epochs > 0, "num_train_epochs must be > 0"),
             (t.logging_steps >= 1, "logging_steps must be >= 1"),
+            (t.save_steps >= 0, "save_steps must be >= 0"),
+            (t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
             (self.model.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
              "torch_dtype: float32, bfloat16, float16 or auto"),
         ]

@@ -97,7 +97,6 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     from accelerate import Accelerator
 
     from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
-    from llm_rl.plotting import plot_training_curves
     from llm_rl.trainer import PPOTrainer
 
     quiet_libraries()
@@ -112,14 +111,16 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
         config.update({"max_updates": options.max_updates})
     config.validate()
 
-    # 1. warm start on the main process; the others wait and load the saved result
-    if accelerator.is_main_process:
-        if (out_dir / "metrics.jsonl").exists() and not options.overwrite:
-            raise SystemExit(f"{out_dir} already holds a run; pass --overwrite or another --output_dir")
-        print(f"[demo] warm start: {options.warm_start_steps} supervised steps on {options.num_digits}-digit addition")
+    resuming = config.train.resume_from_checkpoint is not None and (warm_dir / "config.json").is_file()
+
+    # 1. warm start on the main process (not again when resuming); the others wait and load the result
     train, heldout = arithmetic.make_splits(options.num_digits, 10 ** (2 * options.num_digits) - options.num_heldout,
                                             options.num_heldout, seed=options.seed)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not resuming:
+        if (out_dir / "metrics.jsonl").exists() and not options.overwrite:
+            raise SystemExit(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
+                             "or another --output_dir")
+        print(f"[demo] warm start: {options.warm_start_steps} supervised steps on {options.num_digits}-digit addition")
         build_warm_start(train, options.warm_start_steps, options.seed, warm_dir)
         arithmetic.write_jsonl(train, data_file)
     accelerator.wait_for_everyone()
@@ -129,13 +130,18 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
             print(f"[demo] warm-started policy in {warm_dir}, prompts in {data_file}")
         return {}
 
-    # 2. load it back like a user's model, and evaluate before RL
+    # 2. load it back like a user's model, and evaluate before RL (once: a resumed run reads it back)
     set_seed(options.seed)
     tokenizer = load_tokenizer(str(warm_dir))
     policy = load_policy(config, tokenizer).to(accelerator.device)
     reference = CausalLMWithValueHead.from_pretrained(str(warm_dir), value_head=False).to(accelerator.device)
-    before = evaluate(policy, reference, tokenizer, heldout, config.sampling.temperature)
+    before_file = out_dir / "eval_before.json"
+    if resuming and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(policy, reference, tokenizer, heldout, config.sampling.temperature)
     if accelerator.is_main_process:
+        before_file.write_text(json.dumps(before) + "\n")
         print(f"[demo] before PPO: {fmt(before)}")
 
     # 3. PPO against the exact-match reward, held-out accuracy tracked during training
@@ -146,8 +152,8 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     trainer = PPOTrainer(config, policy, tokenizer, load_prompts(config, tokenizer), load_rewards(config),
                          ref_model=reference, accelerator=accelerator, eval_fn=eval_fn)
     history = trainer.train()
-    after = history[-1] if any(k.startswith("eval/") for k in history[-1]) else {}
-    after = {k.removeprefix("eval/"): v for k, v in after.items() if k.startswith("eval/")} or eval_fn(trainer)
+    last = history[-1] if history else {}
+    after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} or eval_fn(trainer)
 
     seconds = time.perf_counter() - start
     summary = {
@@ -160,7 +166,6 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     }
     if accelerator.is_main_process:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_training_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
         print(results_table(before, after))
         print(f"[demo] {seconds:.0f}s; policy, summary.json, metrics.jsonl and curves.png in {out_dir}")
     return summary

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from llm_rl import checkpoint
 from llm_rl.advantages import compute_gae
 from llm_rl.config import Config, ConfigError
 from llm_rl.data import PromptData, PromptSampler
@@ -34,6 +36,7 @@ from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from llm_rl.losses import policy_loss, value_loss
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
 from llm_rl.ops import entropy_from_logits, masked_mean, masked_whiten
+from llm_rl.plotting import plot_training_curves
 from llm_rl.rewards import RewardFn, compute_scores, shape_scores, token_rewards
 from llm_rl.rollout import Rollout, forward_logprobs, generate_responses, score_tokens
 
@@ -114,15 +117,21 @@ class PPOTrainer:
 
     # ================================================================== setup helpers
     def _check_output_dir(self) -> None:
+        """Refuse to mix two runs in one folder, unless resuming or told to overwrite."""
+        cfg_t = self.config.train
+        self.resume_path = None
+        if cfg_t.resume_from_checkpoint is not None:
+            self.resume_path = checkpoint.resolve_checkpoint(cfg_t.resume_from_checkpoint, self.output_dir)
         metrics = self.output_dir / "metrics.jsonl"
-        if metrics.exists() and not self.config.train.overwrite_output_dir:
+        if self.resume_path is None and metrics.exists() and not cfg_t.overwrite_output_dir:
             raise ConfigError(
-                f"{self.output_dir} already holds a run (metrics.jsonl); choose another output_dir "
-                "or set overwrite_output_dir: true"
+                f"{self.output_dir} already holds a run (metrics.jsonl); resume it with "
+                "resume_from_checkpoint: latest, choose another output_dir, or set overwrite_output_dir: true"
             )
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            metrics.write_text("")
+            if self.resume_path is None:
+                metrics.write_text("")
 
     def _stop_token_ids(self) -> list[int]:
         ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -151,6 +160,8 @@ class PPOTrainer:
         acc, cfg_t = self.accelerator, self.config.train
         if cfg_t.report_to != "none":
             acc.init_trackers(cfg_t.run_name or "llm_rl", config=flat_config(self.config))
+        if self.resume_path is not None:
+            self.load_checkpoint(self.resume_path)
         history = []
         batches = iter(self.sampler)
         bar = tqdm(
@@ -184,8 +195,12 @@ class PPOTrainer:
             metrics = {"update": self.update, **metrics}
             history.append(metrics)
             self.log(metrics, bar)
+            if cfg_t.save_steps and (self.update % cfg_t.save_steps == 0 or self.update == self.num_updates):
+                self.save_checkpoint()
         bar.close()
         self.save_model(self.output_dir)
+        if acc.is_main_process:
+            plot_training_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
         if cfg_t.report_to != "none":
             acc.end_training()
         return history
@@ -288,7 +303,13 @@ class PPOTrainer:
                     n_micro += 1
                 if cfg_p.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg_p.max_grad_norm)
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.as_tensor(grad_norm).float().detach()
+                    grad_norm = torch.as_tensor(grad_norm).float().detach()
+                    if not torch.isfinite(grad_norm):
+                        raise FloatingPointError(
+                            f"update {self.update + 1}: the gradient norm is {grad_norm.item()}; nothing was "
+                            "applied and the last checkpoint is intact. Lower learning_rate or check the rewards."
+                        )
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -407,6 +428,46 @@ class PPOTrainer:
             bar.update(1)
             if self.update % self.config.train.logging_steps == 0 or self.update == self.num_updates:
                 bar.write(summary_line(metrics))
+
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue exactly: weights, optimizer, scheduler, RNGs of every process,
+        data position, KL controller. Written to a temporary folder and renamed when complete."""
+        acc, cfg_t = self.accelerator, self.config.train
+        tmp = checkpoint.temporary_dir(self.output_dir, self.update)
+        final = checkpoint.checkpoint_dir(self.output_dir, self.update)
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG state
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {
+                "update": self.update,
+                "num_updates": self.num_updates,
+                "sampler": self.sampler.state_dict(),
+                "kl_controller": self.kl_controller.state_dict(),
+                "shuffle_generator": self.shuffle_generator.get_state().tolist(),
+            }
+            checkpoint.finalize(tmp, final, state)
+            checkpoint.rotate(self.output_dir, cfg_t.save_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint written by `save_checkpoint`, and drop metrics logged after it."""
+        acc = self.accelerator
+        acc.load_state(str(path))
+        state = checkpoint.read_state(path)
+        self.update = int(state["update"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.shuffle_generator.set_state(torch.tensor(state["shuffle_generator"], dtype=torch.uint8))
+        if acc.is_main_process:
+            metrics = self.output_dir / "metrics.jsonl"
+            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["update"] <= self.update]
+            metrics.write_text("".join(line + "\n" for line in kept))
+            print(f"[llm_rl] resumed from {path} at update {self.update}")
+        acc.wait_for_everyone()
 
     def save_model(self, directory: Path) -> None:
         """Policy (plain causal LM), value head, tokenizer and the config used; main process writes."""
