@@ -51,6 +51,21 @@ class ModelConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% more compute."}
     )
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters (+ the value head) only; the reference is the adapter-disabled model."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout (keep 0 for PPO: the rollout and training forwards must agree)."}
+    )
+    lora_target_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Module names to adapt, or ['all-linear']; default: peft's choice per model."}
+    )
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "Save the policy with the adapter merged (a plain model) instead of the adapter."}
+    )
 
 
 @dataclass
@@ -269,6 +284,8 @@ class Config:
             (t.logging_steps >= 1, "logging_steps must be >= 1"),
             (t.save_steps >= 0, "save_steps must be >= 0"),
             (t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
+            (self.model.lora_r >= 1, "lora_r must be >= 1"),
+            (0 <= self.model.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.model.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
              "torch_dtype: float32, bfloat16, float16 or auto"),
         ]

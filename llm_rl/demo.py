@@ -9,6 +9,7 @@ written to OUTPUT_DIR/data/train.jsonl and read through `datasets` like any user
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -52,9 +53,15 @@ def build_warm_start(train: Sequence[arithmetic.Problem], steps: int, seed: int,
 
 
 @torch.no_grad()
-def evaluate(policy: CausalLMWithValueHead, reference: CausalLMWithValueHead, tokenizer,
+def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
              problems: Sequence[arithmetic.Problem], temperature: float = 1.0, max_new_tokens: int = 6) -> dict:
-    """Held-out exact match (greedy), and on sampled responses: mean reward and KL to the reference."""
+    """Held-out exact match (greedy), and on sampled responses: mean reward and KL to the reference.
+
+    `reference`: a model, or a callable returning a context manager that yields one (a LoRA
+    policy's reference is the policy itself with the adapter disabled, only inside that context).
+    """
+    reference_context = reference if callable(reference) and not isinstance(reference, torch.nn.Module) else (
+        lambda: contextlib.nullcontext(reference))
     device = next(policy.parameters()).device
     batch = left_pad([tokenizer(p.prompt).input_ids for p in problems], tokenizer.pad_token_id)
     prompt_ids, prompt_mask = batch[0].to(device), batch[1].to(device)
@@ -80,7 +87,8 @@ def evaluate(policy: CausalLMWithValueHead, reference: CausalLMWithValueHead, to
         else:
             out["reward"] = sum(correct) / len(correct)
             logprobs, _ = score_tokens(policy, rollout, temperature, chunk_size=len(problems))
-            ref_logprobs, _ = score_tokens(reference, rollout, temperature, chunk_size=len(problems), reference=True)
+            with reference_context() as ref:
+                ref_logprobs, _ = score_tokens(ref, rollout, temperature, chunk_size=len(problems), reference=True)
             out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * mask).sum(1).mean())
     policy.train(was_training)
     return out
@@ -146,7 +154,7 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
 
     # 3. PPO against the exact-match reward, held-out accuracy tracked during training
     def eval_fn(trainer: PPOTrainer) -> dict:
-        return evaluate(trainer.accelerator.unwrap_model(trainer.model), trainer.ref_model, tokenizer, heldout,
+        return evaluate(trainer.accelerator.unwrap_model(trainer.model), trainer.reference, tokenizer, heldout,
                         config.sampling.temperature)
 
     trainer = PPOTrainer(config, policy, tokenizer, load_prompts(config, tokenizer), load_rewards(config),

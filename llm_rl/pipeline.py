@@ -49,7 +49,26 @@ def load_policy(config: Config, tokenizer) -> CausalLMWithValueHead:
         trust_remote_code=m.trust_remote_code,
     )
     resize_for_tokenizer(policy.pretrained_model, tokenizer)
+    if m.use_peft:
+        policy.pretrained_model = add_lora(policy.pretrained_model, config)
     return policy
+
+
+def add_lora(lm, config: Config):
+    """Wrap the causal LM in a peft LoRA model: only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    m = config.model
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=m.lora_r,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
+        target_modules=m.lora_target_modules[0] if m.lora_target_modules == ["all-linear"] else m.lora_target_modules,
+    )
+    if m.gradient_checkpointing:
+        lm.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input when the embeddings are frozen
+    return get_peft_model(lm, lora)
 
 
 def resize_for_tokenizer(lm, tokenizer) -> None:

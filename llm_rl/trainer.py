@@ -46,7 +46,8 @@ RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 
 class PPOTrainer:
     """Train `policy` (a CausalLMWithValueHead) with PPO against `rewards` on `prompts`.
 
-    `ref_model`: frozen reference for the KL penalty; by default a copy of the initial policy.
+    `ref_model`: frozen reference for the KL penalty; by default a copy of the initial policy, or,
+    when the policy is a peft (LoRA) model, the policy itself with its adapter disabled (no copy).
     `eval_fn(trainer) -> dict`: optional held-out evaluation run every `eval_steps` updates
     and at the end; its numbers are logged under `eval/`.
     """
@@ -89,10 +90,12 @@ class PPOTrainer:
 
         # ---- models: dropout off so the rollout and the first training forward agree (ratio 1)
         disable_dropout(policy)
-        if ref_model is None:
+        self.uses_adapter = hasattr(policy.pretrained_model, "disable_adapter")
+        if ref_model is None and not self.uses_adapter:
             ref_model = CausalLMWithValueHead(copy.deepcopy(policy.pretrained_model), value_head=False)
-        disable_dropout(ref_model)
-        ref_model.requires_grad_(False).eval()
+        if ref_model is not None:
+            disable_dropout(ref_model)
+            ref_model.requires_grad_(False).eval()
         if config.model.gradient_checkpointing:
             policy.pretrained_model.gradient_checkpointing_enable()
         trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -100,7 +103,7 @@ class PPOTrainer:
         steps = self.num_updates * cfg_p.ppo_epochs * cfg_p.num_mini_batches
         scheduler = get_scheduler(cfg_p.lr_scheduler_type, optimizer, cfg_p.warmup_steps, steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
-        self.ref_model = self._prepare_reference(ref_model)
+        self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
         for reward in rewards:
             if hasattr(reward, "to"):
                 reward.to(acc.device)
@@ -237,11 +240,22 @@ class PPOTrainer:
             rollout.logprobs, rollout.values = score_tokens(
                 unwrapped, rollout, cfg_s.temperature, self.micro_batch_size
             )
-            rollout.ref_logprobs, _ = score_tokens(
-                self.ref_model, rollout, cfg_s.temperature, self.micro_batch_size, reference=True
-            )
+            with self.reference() as reference:
+                rollout.ref_logprobs, _ = score_tokens(
+                    reference, rollout, cfg_s.temperature, self.micro_batch_size, reference=True
+                )
         unwrapped.train()
         return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference model: a separate copy, or the policy with its LoRA adapter disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with unwrapped.pretrained_model.disable_adapter():
+            yield unwrapped
 
     def decode(self, rollout: Rollout) -> list[str]:
         """Response texts without the stop token or padding."""
@@ -475,7 +489,9 @@ class PPOTrainer:
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)  # every rank joins: gathers ZeRO-3/FSDP shards
         if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(directory, state_dict=state_dict)
+            acc.unwrap_model(self.model).save_pretrained(
+                directory, state_dict=state_dict, merge_adapter=self.config.model.merge_adapter
+            )
             self.tokenizer.save_pretrained(directory)
             self.config.save_yaml(Path(directory) / "config.yaml")
         acc.wait_for_everyone()
