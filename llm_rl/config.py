@@ -121,6 +121,11 @@ class RewardConfig:
     )
     reward_scale: float = field(default=1.0, metadata={"help": "Multiply scores by this."})
     reward_clip: Optional[float] = field(default=None, metadata={"help": "Clip scores to [-c, c] after scaling."})
+    skip_invalid_rewards: bool = field(
+        default=False,
+        metadata={"help": "Drop samples whose reward is NaN/inf/missing from the update (counted in metrics) "
+                          "instead of stopping with an error."},
+    )
     whiten_rewards: bool = field(
         default=False, metadata={"help": "Scale token rewards to unit variance over the batch (mean kept)."}
     )
@@ -185,6 +190,11 @@ class TrainConfig:
     report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, tensorboard, wandb, all."})
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name."})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the final output folder (policy, tokenizer, card) to the Hub."}
+    )
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id, e.g. 'user/model-ppo'."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
 
 SECTIONS: dict[str, type] = {
@@ -283,6 +293,7 @@ class Config:
             (t.num_train_epochs > 0, "num_train_epochs must be > 0"),
             (t.logging_steps >= 1, "logging_steps must be >= 1"),
             (t.save_steps >= 0, "save_steps must be >= 0"),
+            (not t.push_to_hub or bool(t.hub_model_id), "push_to_hub needs hub_model_id (e.g. 'user/model-ppo')"),
             (t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
             (self.model.lora_r >= 1, "lora_r must be >= 1"),
             (0 <= self.model.lora_dropout < 1, "lora_dropout must be in [0, 1)"),

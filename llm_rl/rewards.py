@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
@@ -114,25 +115,44 @@ def compute_scores(
     prompts: list[str],
     completions: list[str],
     columns: dict,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of every reward's scores: (batch,) float32, and each reward's mean."""
+    skip_invalid: bool = False,
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """Weighted sum of every reward's scores.
+
+    Returns (scores (batch,) float32, each reward's mean over valid rows, valid (batch,) bool).
+    A reward that raises, returns the wrong count or a non-number, or a non-finite score, stops
+    the run with a RewardError naming it; with `skip_invalid` the affected rows are marked
+    invalid instead (all rows when the whole output is unusable) and score 0.
+    """
     weights = weights if weights is not None else [1.0] * len(rewards)
-    total = torch.zeros(len(completions), dtype=torch.float32)
+    n = len(completions)
+    total = torch.zeros(n, dtype=torch.float32)
+    valid = torch.ones(n, dtype=torch.bool)
     per_reward = {}
     for fn, weight in zip(rewards, weights):
         name = reward_name(fn)
         try:
-            out = fn(prompts, completions, **columns)
-        except Exception as e:
-            raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-        values = validate_scores(out, len(completions), name)
-        total += weight * values
-        per_reward[name] = float(values.mean())
-    return total, per_reward
+            try:
+                out = fn(prompts, completions, **columns)
+            except Exception as e:
+                raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+            values = validate_scores(out, n, name, allow_nonfinite=skip_invalid)
+        except RewardError as e:
+            if not skip_invalid:
+                raise
+            warnings.warn(f"{e}; skipping all {n} samples of this batch", RuntimeWarning, stacklevel=2)
+            values = torch.full((n,), float("nan"))
+        finite = torch.isfinite(values)
+        valid &= finite
+        total += weight * torch.where(finite, values, torch.zeros_like(values))
+        per_reward[name] = float(values[finite].mean()) if finite.any() else 0.0
+    return total, per_reward, valid
 
 
-def validate_scores(out, expected: int, name: str) -> torch.Tensor:
-    """One finite float per completion, or RewardError naming the reward and the problem."""
+def validate_scores(out, expected: int, name: str, allow_nonfinite: bool = False) -> torch.Tensor:
+    """One finite float per completion, or RewardError naming the reward and the problem.
+
+    `allow_nonfinite` lets NaN/inf through (the caller drops those rows)."""
     if isinstance(out, torch.Tensor):
         out = out.detach().float().cpu().tolist()
     try:
@@ -142,7 +162,7 @@ def validate_scores(out, expected: int, name: str) -> torch.Tensor:
     if len(values) != expected:
         raise RewardError(f"reward {name!r} returned {len(values)} scores for {expected} completions")
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
+    if bad and not allow_nonfinite:
         raise RewardError(f"reward {name!r} returned non-finite scores (NaN/inf) at rows {bad[:10]}")
     return torch.tensor(values, dtype=torch.float32)
 

@@ -32,6 +32,7 @@ from llm_rl import checkpoint
 from llm_rl.advantages import compute_gae
 from llm_rl.config import Config, ConfigError
 from llm_rl.data import PromptData, PromptSampler
+from llm_rl.hub import push_folder, read_last_metrics, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from llm_rl.losses import policy_loss, value_loss
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
@@ -204,6 +205,11 @@ class PPOTrainer:
         self.save_model(self.output_dir)
         if acc.is_main_process:
             plot_training_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
+            write_model_card(self.output_dir, self.config, read_last_metrics(self.output_dir / "metrics.jsonl"),
+                             repo_id=cfg_t.hub_model_id or "")
+            if cfg_t.push_to_hub:
+                url = push_folder(self.output_dir, cfg_t.hub_model_id, private=cfg_t.hub_private_repo)
+                print(f"[llm_rl] pushed {self.output_dir} to {url}")
         if cfg_t.report_to != "none":
             acc.end_training()
         return history
@@ -268,9 +274,14 @@ class PPOTrainer:
     def score(self, rollout: Rollout) -> dict[str, float]:
         """Sequence scores from every reward, weighted, scaled, clipped and EOS-penalised."""
         cfg_r, cfg_s = self.config.reward, self.config.sampling
-        scores, per_reward = compute_scores(
-            self.rewards, cfg_r.reward_weights, rollout.prompts, rollout.completions, rollout.columns
+        scores, per_reward, valid = compute_scores(
+            self.rewards, cfg_r.reward_weights, rollout.prompts, rollout.completions, rollout.columns,
+            skip_invalid=cfg_r.skip_invalid_rewards,
         )
+        valid = valid.to(self.accelerator.device)
+        # a dropped sample keeps no response tokens: no reward, no KL, no loss
+        rollout.response_mask = rollout.response_mask * valid[:, None].long()
+        per_reward["invalid"] = float((~valid).sum())
         rollout.scores = shape_scores(
             scores.to(self.accelerator.device),
             rollout.ended,
@@ -394,30 +405,29 @@ class PPOTrainer:
 
     # ================================================================== metrics, logging, saving
     def rollout_metrics(self, rollout: Rollout, kl: torch.Tensor, reward_means: dict) -> dict[str, float]:
-        """Global (all-process) means of what the rollout produced."""
+        """Means over all processes of what the rollout produced (one collective)."""
         mask = rollout.response_mask.float()
         n_tokens = mask.sum()
-        valid = mask.bool()
         values, returns = rollout.values, rollout.returns
-        # explained variance pieces: sums so they reduce exactly across processes
+        ret_mean = masked_mean(returns, mask)
         local = {
             "score/mean": rollout.scores.float().mean(),
             "kl/per_sequence": kl.sum(dim=1).mean(),
-            "kl/per_token": (kl.sum() / n_tokens.clamp(min=1)),
+            "kl/per_token": kl.sum() / n_tokens.clamp(min=1),
             "response/length": mask.sum(dim=1).mean(),
             "response/eos_rate": rollout.ended.float().mean(),
+            "response/tokens": n_tokens,
             "value/mean": masked_mean(values, mask),
-            "advantage/mean_raw_reward": masked_mean(rollout.token_rewards, mask),
+            "token_reward/mean": masked_mean(rollout.token_rewards, mask),
+            "var_returns": masked_mean((returns - ret_mean) ** 2, mask),
+            "var_residual": masked_mean((returns - values) ** 2, mask),
+            **{f"reward/{k}": torch.tensor(v) for k, v in reward_means.items()},
         }
         out = self.global_mean(local)
-        ret_mean = masked_mean(returns, mask)
-        var_ret = masked_mean((returns - ret_mean) ** 2, mask)
-        var_res = masked_mean((returns - values).masked_fill(~valid, 0) ** 2, mask)
-        ev = self.global_mean({"var_ret": var_ret, "var_res": var_res})
-        out["value/explained_variance"] = 1.0 - ev["var_res"] / max(ev["var_ret"], 1e-8)
-        out["response/tokens"] = float(self.accelerator.reduce(n_tokens.detach().clone(), "sum"))
-        for name, value in reward_means.items():
-            out[f"reward/{name}"] = value  # main process's rows
+        for count in ("response/tokens", "reward/invalid"):  # counts: sums over processes
+            out[count] *= self.accelerator.num_processes
+        var_returns, var_residual = out.pop("var_returns"), out.pop("var_residual")
+        out["value/explained_variance"] = 1.0 - var_residual / max(var_returns, 1e-8)
         out["kl/beta"] = self.kl_controller.value
         return out
 

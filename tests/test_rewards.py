@@ -81,13 +81,13 @@ def test_compute_scores_weighted_sum_with_columns():
     prompts = ["1+2=", "7+8=", "3+4="]
     completions = ["3", "16", "7"]
     columns = {"answer": ["3", "15", "7"]}
-    total, per_reward = compute_scores([length_reward, exact_match], [0.5, 2.0], prompts, completions, columns)
+    total, per_reward, _ = compute_scores([length_reward, exact_match], [0.5, 2.0], prompts, completions, columns)
     # length: [1, 2, 1]; exact: [1, 0, 1] -> 0.5 * length + 2 * exact
     assert total.tolist() == [2.5, 1.0, 2.5]
     assert total.dtype == torch.float32
     assert per_reward == pytest.approx({"length_reward": 4 / 3, "exact_match": 2 / 3})
 
-    total, _ = compute_scores([length_reward, exact_match], None, prompts, completions, columns)
+    total, _, _ = compute_scores([length_reward, exact_match], None, prompts, completions, columns)
     assert total.tolist() == [2.0, 2.0, 2.0]
 
 
@@ -95,7 +95,7 @@ def test_compute_scores_accepts_tensor_output():
     def tensor_reward(prompts, completions, **_):
         return torch.tensor([0.25, -1.0])
 
-    total, _ = compute_scores([tensor_reward], [2.0], ["a", "b"], ["x", "y"], {})
+    total, _, _ = compute_scores([tensor_reward], [2.0], ["a", "b"], ["x", "y"], {})
     assert total.tolist() == [0.5, -2.0]
 
 
@@ -251,7 +251,7 @@ def test_reward_model_scores_whole_text(reward_model_dirs):
 
 def test_reward_model_in_compute_scores(reward_model_dirs):
     rm = RewardModel.from_pretrained(str(reward_model_dirs[0]))
-    total, per_reward = compute_scores([rm], [2.0], PROMPTS, COMPLETIONS, {"answer": ["3", "46", "4690", "18"]})
+    total, per_reward, _ = compute_scores([rm], [2.0], PROMPTS, COMPLETIONS, {"answer": ["3", "46", "4690", "18"]})
     assert total.tolist() == pytest.approx([2.0 * s for s in rm(PROMPTS, COMPLETIONS)], abs=1e-5)
     assert list(per_reward) == [reward_name(rm)]
 
