@@ -49,7 +49,24 @@ def demo_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"ppo": ppo_main, "demo": demo_main}
+def reward_main(argv: list[str]) -> int:
+    """`llm-rl reward train --config FILE.yaml ...` or `llm-rl reward score --model PATH --input FILE.jsonl ...`."""
+    if argv and argv[0] == "train":
+        from llm_rl.reward_training import main as train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "score":
+        from llm_rl.reward_scoring import main as score_main
+
+        return score_main(argv[1:])
+    print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n"
+          "       llm-rl reward score (--model PATH_OR_ID | --reward module:function) "
+          "(--input FILE.jsonl | --dataset NAME) --output OUT.jsonl [...]\n"
+          "add --help after train or score for their options")
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+COMMANDS = {"ppo": ppo_main, "demo": demo_main, "reward": reward_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,9 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    batch_size: int = field(default=16, metadata={"help": "Prompts rolled out per update, per process."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Prompts rolled out per update, per process (x num_generations rows)."}
+    )
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per mini-batch (trades memory for nothing else)."}
@@ -165,6 +167,14 @@ class PPOConfig:
     adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta towards kl_target (Ziegler et al. 2019)."})
     kl_target: float = field(default=6.0, metadata={"help": "Target KL per sequence for the adaptive controller."})
     kl_horizon: int = field(default=10000, metadata={"help": "Horizon of the adaptive controller."})
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={"help": "gae (value head), or critic-free: grpo, rloo (need num_generations >= 2), reinforce_pp, "
+                          "prefix_diff (needs a reward model on the policy's tokenizer)."},
+    )
+    num_generations: int = field(
+        default=1, metadata={"help": "Completions sampled per prompt (a group, for grpo/rloo)."}
+    )
 
 
 @dataclass
@@ -196,6 +206,9 @@ class TrainConfig:
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id, e.g. 'user/model-ppo'."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "prefix_diff")
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp", "prefix_diff")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -266,11 +279,19 @@ class Config:
             (p.batch_size >= 1, "batch_size must be >= 1"),
             (p.num_mini_batches >= 1, "num_mini_batches must be >= 1"),
             (p.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (p.num_generations >= 1, "num_generations must be >= 1"),
             (
-                p.batch_size % (p.num_mini_batches * p.gradient_accumulation_steps) == 0,
-                f"batch_size ({p.batch_size}) must be divisible by num_mini_batches * gradient_accumulation_steps "
-                f"({p.num_mini_batches} * {p.gradient_accumulation_steps})",
+                p.batch_size * p.num_generations % (p.num_mini_batches * p.gradient_accumulation_steps) == 0,
+                f"batch_size * num_generations ({p.batch_size} * {p.num_generations}) must be divisible by "
+                f"num_mini_batches * gradient_accumulation_steps ({p.num_mini_batches} * {p.gradient_accumulation_steps})",
             ),
+            (p.advantage_estimator in ADVANTAGE_ESTIMATORS,
+             f"advantage_estimator: one of {', '.join(ADVANTAGE_ESTIMATORS)}"),
+            (p.advantage_estimator not in ("grpo", "rloo") or p.num_generations >= 2,
+             f"advantage_estimator {p.advantage_estimator} compares completions of the same prompt: "
+             "set num_generations >= 2"),
+            (p.advantage_estimator != "prefix_diff" or r.reward_model_name_or_path is not None,
+             "advantage_estimator prefix_diff scores every prefix with a reward model: set reward_model_name_or_path"),
             (p.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
             (p.learning_rate > 0, "learning_rate must be > 0"),
             (p.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type: constant, linear or cosine"),

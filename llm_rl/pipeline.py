@@ -11,7 +11,7 @@ from typing import Optional
 
 from accelerate.utils import set_seed
 
-from llm_rl.config import Config, ConfigError
+from llm_rl.config import CRITIC_FREE, Config, ConfigError
 from llm_rl.data import PromptData, load_prompt_dataset
 from llm_rl.modeling import CausalLMWithValueHead
 from llm_rl.rewards import RewardModel, load_reward_function
@@ -43,6 +43,7 @@ def load_policy(config: Config, tokenizer) -> CausalLMWithValueHead:
         raise ConfigError("model_name_or_path is not set: give a Hub id or a local folder of a causal LM")
     policy = CausalLMWithValueHead.from_pretrained(
         m.model_name_or_path,
+        value_head=config.ppo.advantage_estimator not in CRITIC_FREE,  # critic-free: no head to store or train
         value_head_path=m.value_model_name_or_path,
         value_head_init_std=m.value_head_init_std,
         torch_dtype=m.torch_dtype,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -109,62 +111,149 @@ class RewardModel:
         return scores
 
 
-def compute_scores(
+@dataclass
+class RewardResult:
+    scores: torch.Tensor  # (batch,) weighted sum of the sequence-level rewards
+    token_scores: Optional[torch.Tensor]  # (batch, resp_len) weighted sum of the token-level rewards, or None
+    valid: torch.Tensor  # (batch,) bool: every reward gave a usable value for this row
+    means: dict  # reward name -> mean over valid rows (per sequence; token rewards summed per sequence)
+
+
+@torch.no_grad()
+def prefix_scores(
+    reward_model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score of every prefix in one forward: a decoder classifier's head applied at each position.
+
+    input_ids, attention_mask: (batch, prompt_len + resp_len), left-padded prompt then response,
+    in the reward model's own vocabulary (it must share the policy's tokenizer).
+    Returns (prompt_score (batch,) = Q_{-1}, prefix_scores (batch, resp_len) with
+    Q_t = score(prompt + response[:t+1])).
+    """
+    from llm_rl.modeling import position_ids_from_mask
+
+    model = reward_model.model
+    head = getattr(model, "score", None)
+    if head is None:
+        raise RewardError(
+            f"prefix scores need a decoder reward model with a `score` head; {type(model).__name__} has none"
+        )
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
+    scores = head(hidden[:, response_start - 1 :]).squeeze(-1).float()  # (batch, 1 + resp_len)
+    return scores[:, 0], scores[:, 1:]
+
+
+def compute_rewards(
     rewards: Sequence[RewardFn],
     weights: Optional[Sequence[float]],
     prompts: list[str],
     completions: list[str],
     columns: dict,
+    completion_ids: Optional[list[list[int]]] = None,
     skip_invalid: bool = False,
-) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """Weighted sum of every reward's scores.
+) -> RewardResult:
+    """Call every reward and combine their outputs with `weights`.
 
-    Returns (scores (batch,) float32, each reward's mean over valid rows, valid (batch,) bool).
-    A reward that raises, returns the wrong count or a non-number, or a non-finite score, stops
-    the run with a RewardError naming it; with `skip_invalid` the affected rows are marked
-    invalid instead (all rows when the whole output is unusable) and score 0.
+    A reward returns one float per completion, or (token-level) one list of floats per
+    completion, as long as that completion's tokens (`completion_ids`, the stop token
+    included), aligned to response positions. A reward that raises, returns the wrong
+    count, length or type, or a non-finite value, stops the run with a RewardError naming
+    it; with `skip_invalid` the affected rows are marked invalid instead (all rows when the
+    whole output is unusable) and contribute 0.
     """
     weights = weights if weights is not None else [1.0] * len(rewards)
     n = len(completions)
-    total = torch.zeros(n, dtype=torch.float32)
+    lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else None
+    resp_len = max(lengths, default=0) if lengths else 0
+    scores = torch.zeros(n, dtype=torch.float32)
+    token_scores = None
     valid = torch.ones(n, dtype=torch.bool)
-    per_reward = {}
+    means = {}
     for fn, weight in zip(rewards, weights):
         name = reward_name(fn)
+        extra = {"completion_ids": completion_ids} if completion_ids is not None and accepts(fn, "completion_ids") else {}
         try:
             try:
-                out = fn(prompts, completions, **columns)
+                out = fn(prompts, completions, **columns, **extra)
             except Exception as e:
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-            values = validate_scores(out, n, name, allow_nonfinite=skip_invalid)
+            values = validate_rewards(out, n, name, lengths, allow_nonfinite=skip_invalid)
         except RewardError as e:
             if not skip_invalid:
                 raise
             warnings.warn(f"{e}; skipping all {n} samples of this batch", RuntimeWarning, stacklevel=2)
             values = torch.full((n,), float("nan"))
-        finite = torch.isfinite(values)
+        if values.dim() == 1:
+            finite = torch.isfinite(values)
+            scores += weight * torch.where(finite, values, torch.zeros_like(values))
+            per_row = values
+        else:  # (batch, resp_len), NaN-padded past each completion's end
+            values = torch.nn.functional.pad(values, (0, resp_len - values.shape[1]), value=float("nan"))
+            in_range = torch.arange(resp_len)[None, :] < torch.tensor(lengths)[:, None]
+            finite = (torch.isfinite(values) | ~in_range).all(dim=1)
+            clean = torch.where(in_range & torch.isfinite(values), values, torch.zeros_like(values))
+            token_scores = weight * clean if token_scores is None else token_scores + weight * clean
+            per_row = torch.where(finite, clean.sum(dim=1), torch.full((n,), float("nan")))
         valid &= finite
-        total += weight * torch.where(finite, values, torch.zeros_like(values))
-        per_reward[name] = float(values[finite].mean()) if finite.any() else 0.0
-    return total, per_reward, valid
+        means[name] = float(per_row[finite].mean()) if finite.any() else 0.0
+    if token_scores is not None:
+        token_scores = token_scores * valid[:, None]
+    return RewardResult(scores * valid, token_scores, valid, means)
 
 
-def validate_scores(out, expected: int, name: str, allow_nonfinite: bool = False) -> torch.Tensor:
-    """One finite float per completion, or RewardError naming the reward and the problem.
+def accepts(fn, keyword: str) -> bool:
+    """Whether `fn` takes `keyword` (by name or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name == keyword for p in params)
 
-    `allow_nonfinite` lets NaN/inf through (the caller drops those rows)."""
+
+def validate_rewards(
+    out, expected: int, name: str, lengths: Optional[list[int]] = None, allow_nonfinite: bool = False
+) -> torch.Tensor:
+    """Check a reward's output: (batch,) floats, or per-token lists -> (batch, longest) NaN-padded.
+
+    Raises RewardError naming the reward and the problem; `allow_nonfinite` lets NaN/inf
+    through (the caller drops those rows)."""
     if isinstance(out, torch.Tensor):
         out = out.detach().float().cpu().tolist()
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError) as e:
-        raise RewardError(f"reward {name!r} must return one float per completion, got {type(out).__name__}") from e
-    if len(values) != expected:
-        raise RewardError(f"reward {name!r} returned {len(values)} scores for {expected} completions")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(f"reward {name!r} must return a list with one float per completion (or one list per completion "
+            f"for token-level rewards), got {type(out).__name__}")
+    if len(out) != expected:
+        raise RewardError(f"reward {name!r} returned {len(out)} scores for {expected} completions")
+    token_level = [isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() == 1) for v in out]
+    if any(token_level):
+        if not all(token_level):
+            raise RewardError(f"reward {name!r} mixes per-sequence floats and per-token lists")
+        if lengths is None:
+            raise RewardError(f"reward {name!r} returned per-token rewards where only sequence scores are supported")
+        rows = [[float(x) for x in (v.tolist() if isinstance(v, torch.Tensor) else v)] for v in out]
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            if len(row) != length:
+                raise RewardError(
+                    f"reward {name!r}: row {i} has {len(row)} token rewards for a response of {length} tokens "
+                    "(one per token of completion_ids, the stop token included)"
+                )
+        longest = max(lengths, default=0)
+        values = torch.full((expected, longest), float("nan"))
+        for i, row in enumerate(rows):
+            values[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        bad = [i for i, row in enumerate(rows) if not all(math.isfinite(x) for x in row)]
+    else:
+        try:
+            values = torch.tensor([float(v) for v in out], dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise RewardError(f"reward {name!r} must return one float per completion: {e}") from e
+        bad = [i for i, v in enumerate(values.tolist()) if not math.isfinite(v)]
     if bad and not allow_nonfinite:
-        raise RewardError(f"reward {name!r} returned non-finite scores (NaN/inf) at rows {bad[:10]}")
-    return torch.tensor(values, dtype=torch.float32)
+        raise RewardError(f"reward {name!r} returned non-finite values (NaN/inf) at rows {bad[:10]}")
+    return values
 
 
 def shape_scores(

@@ -27,7 +27,9 @@ class Rollout:
     values: Optional[torch.Tensor] = None  # (batch, resp_len) V_old(x_t)
     ref_logprobs: Optional[torch.Tensor] = None  # (batch, resp_len)
     scores: Optional[torch.Tensor] = None  # (batch,) sequence scores after shaping
-    token_rewards: Optional[torch.Tensor] = None  # (batch, resp_len)
+    token_scores: Optional[torch.Tensor] = None  # (batch, resp_len) token-level rewards from reward functions
+    prefix_scores: Optional[tuple] = None  # prefix_diff: ((batch, resp_len) Q_t, (batch,) Q_{-1})
+    token_rewards: Optional[torch.Tensor] = None  # (batch, resp_len) everything GAE sees
     advantages: Optional[torch.Tensor] = None  # (batch, resp_len)
     returns: Optional[torch.Tensor] = None  # (batch, resp_len)
     prompts: list = field(default_factory=list)  # prompt texts

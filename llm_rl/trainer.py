@@ -29,8 +29,14 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from llm_rl import checkpoint
-from llm_rl.advantages import compute_gae
-from llm_rl.config import Config, ConfigError
+from llm_rl.advantages import (
+    compute_gae,
+    grpo_advantages,
+    prefix_diff_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from llm_rl.config import CRITIC_FREE, Config, ConfigError
 from llm_rl.data import PromptData, PromptSampler
 from llm_rl.hub import push_folder, read_last_metrics, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
@@ -38,7 +44,7 @@ from llm_rl.losses import policy_loss, value_loss
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
 from llm_rl.ops import entropy_from_logits, masked_mean, masked_whiten
 from llm_rl.plotting import plot_training_curves
-from llm_rl.rewards import RewardFn, compute_scores, shape_scores, token_rewards
+from llm_rl.rewards import RewardFn, RewardModel, compute_rewards, prefix_scores, shape_scores, token_rewards
 from llm_rl.rollout import Rollout, forward_logprobs, generate_responses, score_tokens
 
 RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
@@ -78,9 +84,10 @@ class PPOTrainer:
         self._check_output_dir()
 
         # ---- sizes: derived once, here, never changed later
-        self.micro_batch_size = cfg_p.batch_size // (cfg_p.num_mini_batches * cfg_p.gradient_accumulation_steps)
+        self.rollout_rows = cfg_p.batch_size * cfg_p.num_generations  # rows per process per update
+        self.micro_batch_size = self.rollout_rows // (cfg_p.num_mini_batches * cfg_p.gradient_accumulation_steps)
         self.mini_batch_size = self.micro_batch_size * cfg_p.gradient_accumulation_steps
-        self.generation_batch_size = cfg_s.generation_batch_size or cfg_p.batch_size
+        self.generation_batch_size = cfg_s.generation_batch_size or self.rollout_rows
         self.sampler = PromptSampler(
             len(prompts), cfg_p.batch_size, acc.num_processes, acc.process_index, cfg_t.seed, config.data.shuffle
         )
@@ -88,6 +95,14 @@ class PPOTrainer:
             1, int(cfg_t.num_train_epochs * self.sampler.updates_per_epoch)
         )
         self.stop_token_ids = self._stop_token_ids()
+        self.critic_free = cfg_p.advantage_estimator in CRITIC_FREE
+        if self.critic_free != (policy.v_head is None):
+            raise ConfigError(
+                f"advantage_estimator {cfg_p.advantage_estimator} "
+                + ("trains no value head: load the policy with value_head=False" if self.critic_free
+                   else "needs the policy's value head")
+            )
+        self.prefix_reward_model = self._prefix_reward_model() if cfg_p.advantage_estimator == "prefix_diff" else None
 
         # ---- models: dropout off so the rollout and the first training forward agree (ratio 1)
         disable_dropout(policy)
@@ -150,6 +165,18 @@ class PPOTrainer:
         if self.tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; llm_rl.pipeline.load_tokenizer adds one")
         return ids
+
+    def _prefix_reward_model(self) -> RewardModel:
+        """prefix_diff reads the reward model at every response position: it must share the policy's tokens."""
+        model = next((r for r in self.rewards if isinstance(r, RewardModel)), None)
+        if model is None:
+            raise ConfigError("advantage_estimator prefix_diff needs a reward model (reward_model_name_or_path)")
+        if model.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                "advantage_estimator prefix_diff scores the policy's own tokens: the reward model must use the "
+                "policy's tokenizer (same vocabulary)"
+            )
+        return model
 
     def _prepare_reference(self, ref_model: CausalLMWithValueHead) -> CausalLMWithValueHead:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -220,6 +247,11 @@ class PPOTrainer:
         """Sample responses and take their old log-probs, values and reference log-probs."""
         acc, cfg_s = self.accelerator, self.config.sampling
         prompt_ids, prompt_mask = batch["prompt_ids"].to(acc.device), batch["prompt_mask"].to(acc.device)
+        groups = self.config.ppo.num_generations  # each prompt's completions sit on consecutive rows
+        if groups > 1:
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(groups, 0), prompt_mask.repeat_interleave(groups, 0)
+            batch["prompts"] = [p for p in batch["prompts"] for _ in range(groups)]
+            batch["columns"] = {k: [v for v in vs for _ in range(groups)] for k, vs in batch["columns"].items()}
         unwrapped = acc.unwrap_model(self.model)
         unwrapped.eval()
         t0 = time.perf_counter()
@@ -272,36 +304,62 @@ class PPOTrainer:
         return self.tokenizer.batch_decode(kept, skip_special_tokens=True)
 
     def score(self, rollout: Rollout) -> dict[str, float]:
-        """Sequence scores from every reward, weighted, scaled, clipped and EOS-penalised."""
-        cfg_r, cfg_s = self.config.reward, self.config.sampling
-        scores, per_reward, valid = compute_scores(
+        """Scores from every reward, weighted, scaled, clipped and EOS-penalised; token-level rewards;
+        prefix scores for prefix_diff. Returns each reward's mean and the count of dropped samples."""
+        cfg_r, cfg_s, device = self.config.reward, self.config.sampling, self.accelerator.device
+        lengths = rollout.response_mask.sum(dim=1).tolist()
+        completion_ids = [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)]
+        result = compute_rewards(
             self.rewards, cfg_r.reward_weights, rollout.prompts, rollout.completions, rollout.columns,
-            skip_invalid=cfg_r.skip_invalid_rewards,
+            completion_ids=completion_ids, skip_invalid=cfg_r.skip_invalid_rewards,
         )
-        valid = valid.to(self.accelerator.device)
+        valid = result.valid.to(device)
         # a dropped sample keeps no response tokens: no reward, no KL, no loss
         rollout.response_mask = rollout.response_mask * valid[:, None].long()
-        per_reward["invalid"] = float((~valid).sum())
         rollout.scores = shape_scores(
-            scores.to(self.accelerator.device),
-            rollout.ended,
-            scale=cfg_r.reward_scale,
-            clip=cfg_r.reward_clip,
-            missing_eos_penalty=cfg_s.missing_eos_penalty,
+            result.scores.to(device), rollout.ended,
+            scale=cfg_r.reward_scale, clip=cfg_r.reward_clip, missing_eos_penalty=cfg_s.missing_eos_penalty,
         )
-        return per_reward
+        if result.token_scores is not None:
+            width = rollout.response_ids.shape[1]
+            rollout.token_scores = (cfg_r.reward_scale * result.token_scores[:, :width]).to(device)
+        if self.prefix_reward_model is not None:
+            with torch.no_grad():
+                prompt_score, prefix = prefix_scores(
+                    self.prefix_reward_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
+                )
+            rollout.prefix_scores = (cfg_r.reward_scale * prefix, cfg_r.reward_scale * prompt_score)
+        return {**result.means, "invalid": float((~valid).sum())}
 
     def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
-        """Token rewards, GAE advantages and returns; returns the per-token KL (batch, resp_len)."""
+        """Token rewards, then advantages (and returns for the value head) by the configured estimator.
+
+        Returns the per-token KL (batch, resp_len)."""
         cfg_p = self.config.ppo
         mask = rollout.response_mask
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg_p.kl_estimator) * mask
         beta = self.kl_controller.value if cfg_p.kl_placement == "reward" else 0.0
-        rewards = token_rewards(rollout.scores, kl, mask, beta)
+        # r_t = -beta * KL_t (+ token-level rewards) (+ the score on the last token)
+        step_rewards = token_rewards(torch.zeros_like(rollout.scores), kl, mask, beta)
+        if rollout.token_scores is not None:
+            step_rewards = step_rewards + rollout.token_scores * mask
+        rewards = step_rewards + token_rewards(rollout.scores, torch.zeros_like(kl), mask, 0.0)
         if self.config.reward.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg_p.gamma, cfg_p.lam)
-        if cfg_p.whiten_advantages:
+        estimator, returns, whiten = cfg_p.advantage_estimator, None, cfg_p.whiten_advantages
+        if estimator == "gae":
+            advantages, returns = compute_gae(rewards, rollout.values, mask, cfg_p.gamma, cfg_p.lam)
+        elif estimator in ("grpo", "rloo"):
+            sequence_return = (rewards * mask).sum(dim=1)  # score + token rewards - beta * KL
+            group_fn = grpo_advantages if estimator == "grpo" else rloo_advantages
+            advantages = group_fn(sequence_return, cfg_p.num_generations)[:, None] * mask
+            whiten = whiten and estimator == "rloo"  # grpo is normalised per group already
+        elif estimator == "reinforce_pp":
+            advantages, whiten = reinforce_pp_advantages(rewards, mask, cfg_p.gamma), False  # whitened inside
+        else:  # prefix_diff: A_t = Q_t - Q_{t-1} from the reward model, plus the per-step rewards
+            prefix, prompt_score = rollout.prefix_scores
+            advantages = prefix_diff_advantages(prefix, prompt_score, mask) + step_rewards
+        if whiten:
             advantages = masked_whiten(advantages, mask)
         rollout.token_rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
         return kl
@@ -357,10 +415,12 @@ class PPOTrainer:
             logprobs, batch.logprobs, batch.advantages, mask,
             clip_range=cfg_p.clip_range, dual_clip=cfg_p.dual_clip, loss_agg=cfg_p.loss_agg,
         )
-        vf_loss, vf_stats = value_loss(
-            values.float(), batch.values, batch.returns, mask,
-            clip_range_value=cfg_p.clip_range_value, loss_agg=cfg_p.loss_agg,
-        )
+        vf_loss, vf_stats = torch.zeros((), device=logprobs.device), {}
+        if values is not None:
+            vf_loss, vf_stats = value_loss(
+                values.float(), batch.values, batch.returns, mask,
+                clip_range_value=cfg_p.clip_range_value, loss_agg=cfg_p.loss_agg,
+            )
         entropy = masked_mean(entropy_from_logits(logits.detach() if cfg_p.ent_coef == 0 else logits,
                                                   self.config.sampling.temperature), mask)
         loss = pg_loss + cfg_p.vf_coef * vf_loss - cfg_p.ent_coef * entropy
@@ -383,9 +443,9 @@ class PPOTrainer:
             "policy/clipfrac": pg_stats["clipfrac"],
             "policy/approx_kl": pg_stats["approx_kl"],
             "policy/ratio_max_dev": ratio_dev,
-            "value/clipfrac": vf_stats["vf_clipfrac"],
-            "value/error": vf_stats["value_error"],
         }
+        if vf_stats:
+            stats.update({"value/clipfrac": vf_stats["vf_clipfrac"], "value/error": vf_stats["value_error"]})
         return stats
 
     def check_first_ratio(self, max_dev: torch.Tensor) -> None:
@@ -408,26 +468,27 @@ class PPOTrainer:
         """Means over all processes of what the rollout produced (one collective)."""
         mask = rollout.response_mask.float()
         n_tokens = mask.sum()
-        values, returns = rollout.values, rollout.returns
-        ret_mean = masked_mean(returns, mask)
         local = {
-            "score/mean": rollout.scores.float().mean(),
+            "score/mean": masked_mean(rollout.scores.float(), mask.sum(dim=1) > 0),  # dropped samples excluded
             "kl/per_sequence": kl.sum(dim=1).mean(),
             "kl/per_token": kl.sum() / n_tokens.clamp(min=1),
             "response/length": mask.sum(dim=1).mean(),
             "response/eos_rate": rollout.ended.float().mean(),
             "response/tokens": n_tokens,
-            "value/mean": masked_mean(values, mask),
             "token_reward/mean": masked_mean(rollout.token_rewards, mask),
-            "var_returns": masked_mean((returns - ret_mean) ** 2, mask),
-            "var_residual": masked_mean((returns - values) ** 2, mask),
             **{f"reward/{k}": torch.tensor(v) for k, v in reward_means.items()},
         }
+        if rollout.values is not None:
+            values, returns = rollout.values, rollout.returns
+            local["value/mean"] = masked_mean(values, mask)
+            local["var_returns"] = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+            local["var_residual"] = masked_mean((returns - values) ** 2, mask)
         out = self.global_mean(local)
         for count in ("response/tokens", "reward/invalid"):  # counts: sums over processes
             out[count] *= self.accelerator.num_processes
-        var_returns, var_residual = out.pop("var_returns"), out.pop("var_residual")
-        out["value/explained_variance"] = 1.0 - var_residual / max(var_returns, 1e-8)
+        if rollout.values is not None:
+            var_returns, var_residual = out.pop("var_returns"), out.pop("var_residual")
+            out["value/explained_variance"] = 1.0 - var_residual / max(var_returns, 1e-8)
         out["kl/beta"] = self.kl_controller.value
         return out
 

@@ -6,12 +6,12 @@ import torch
 from llm_rl.rewards import (
     RewardError,
     RewardModel,
-    compute_scores,
+    compute_rewards,
     load_reward_function,
     reward_name,
     shape_scores,
     token_rewards,
-    validate_scores,
+    validate_rewards,
 )
 
 # ----------------------------------------------------------------- token_rewards
@@ -81,22 +81,23 @@ def test_compute_scores_weighted_sum_with_columns():
     prompts = ["1+2=", "7+8=", "3+4="]
     completions = ["3", "16", "7"]
     columns = {"answer": ["3", "15", "7"]}
-    total, per_reward, _ = compute_scores([length_reward, exact_match], [0.5, 2.0], prompts, completions, columns)
+    result = compute_rewards([length_reward, exact_match], [0.5, 2.0], prompts, completions, columns)
     # length: [1, 2, 1]; exact: [1, 0, 1] -> 0.5 * length + 2 * exact
-    assert total.tolist() == [2.5, 1.0, 2.5]
-    assert total.dtype == torch.float32
-    assert per_reward == pytest.approx({"length_reward": 4 / 3, "exact_match": 2 / 3})
+    assert result.scores.tolist() == [2.5, 1.0, 2.5]
+    assert result.scores.dtype == torch.float32
+    assert result.means == pytest.approx({"length_reward": 4 / 3, "exact_match": 2 / 3})
+    assert result.valid.all() and result.token_scores is None
 
-    total, _, _ = compute_scores([length_reward, exact_match], None, prompts, completions, columns)
-    assert total.tolist() == [2.0, 2.0, 2.0]
+    result = compute_rewards([length_reward, exact_match], None, prompts, completions, columns)
+    assert result.scores.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_compute_scores_accepts_tensor_output():
     def tensor_reward(prompts, completions, **_):
         return torch.tensor([0.25, -1.0])
 
-    total, _, _ = compute_scores([tensor_reward], [2.0], ["a", "b"], ["x", "y"], {})
-    assert total.tolist() == [0.5, -2.0]
+    result = compute_rewards([tensor_reward], [2.0], ["a", "b"], ["x", "y"], {})
+    assert result.scores.tolist() == [0.5, -2.0]
 
 
 def bad_reward(output):
@@ -121,15 +122,15 @@ def bad_reward(output):
 def test_bad_reward_outputs_raise_naming_the_reward(output, fragment):
     fn = bad_reward(output)
     with pytest.raises(RewardError, match="my_bad_reward") as e:
-        compute_scores([length_reward, fn], None, ["p"] * 3, ["a", "b", "c"], {})
+        compute_rewards([length_reward, fn], None, ["p"] * 3, ["a", "b", "c"], {})
     assert fragment in str(e.value)
     with pytest.raises(RewardError, match="my_bad_reward"):
-        validate_scores(output, 3, "my_bad_reward")
+        validate_rewards(output, 3, "my_bad_reward")
 
 
 def test_nan_rows_are_listed():
     with pytest.raises(RewardError, match=r"rows \[1, 3\]"):
-        validate_scores([0.0, float("nan"), 1.0, float("-inf")], 4, "r")
+        validate_rewards([0.0, float("nan"), 1.0, float("-inf")], 4, "r")
 
 
 def test_reward_that_raises_is_named():
@@ -137,13 +138,13 @@ def test_reward_that_raises_is_named():
         raise KeyError("answer")
 
     with pytest.raises(RewardError, match="crashing_reward") as e:
-        compute_scores([crashing_reward], None, ["p"], ["c"], {})
+        compute_rewards([crashing_reward], None, ["p"], ["c"], {})
     assert "KeyError" in str(e.value) and "answer" in str(e.value)
 
 
 def test_missing_column_is_reported():
     with pytest.raises(RewardError, match="exact_match"):
-        compute_scores([exact_match], None, ["p"], ["c"], {})  # no 'answer' column
+        compute_rewards([exact_match], None, ["p"], ["c"], {})  # no 'answer' column
 
 
 # ----------------------------------------------------------------- load_reward_function
@@ -249,11 +250,11 @@ def test_reward_model_scores_whole_text(reward_model_dirs):
     assert rm(["1+2="], ["3"])[0] != pytest.approx(rm(["1+2="], ["4"])[0], abs=1e-6)
 
 
-def test_reward_model_in_compute_scores(reward_model_dirs):
+def test_reward_model_in_compute_rewards(reward_model_dirs):
     rm = RewardModel.from_pretrained(str(reward_model_dirs[0]))
-    total, per_reward, _ = compute_scores([rm], [2.0], PROMPTS, COMPLETIONS, {"answer": ["3", "46", "4690", "18"]})
-    assert total.tolist() == pytest.approx([2.0 * s for s in rm(PROMPTS, COMPLETIONS)], abs=1e-5)
-    assert list(per_reward) == [reward_name(rm)]
+    result = compute_rewards([rm], [2.0], PROMPTS, COMPLETIONS, {"answer": ["3", "46", "4690", "18"]})
+    assert result.scores.tolist() == pytest.approx([2.0 * s for s in rm(PROMPTS, COMPLETIONS)], abs=1e-5)
+    assert list(result.means) == [reward_name(rm)]
 
 
 def test_reward_model_needs_one_label(reward_model_dirs):

@@ -1,0 +1,201 @@
+"""PPOTrainer end to end, in process, on a tiny GPT-2-style model (CPU, offline).
+
+The model and tokenizer are built here, saved to a temporary folder and loaded back
+through `from_pretrained`, the way a user's Hub model is; prompts come from a jsonl
+file and the reward is a function in a module file, named 'path/to/file.py:function'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llm_rl.trainer as trainer_module
+from llm_rl.config import Config, ConfigError
+from llm_rl.pipeline import load_policy, load_tokenizer, run_ppo
+from llm_rl.tasks import arithmetic
+
+REWARD_SOURCE = '''
+def sevens(prompts, completions, **columns):
+    """Fraction of the completion's characters that are the digit 7 (0 for an empty completion)."""
+    return [c.count("7") / len(c) if c else 0.0 for c in completions]
+'''
+
+# prompts of different lengths, so batches are left-padded
+PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (17, 5), (123, 45), (7, 77), (30, 3), (999, 1), (4, 56), (78, 9),
+                                    (5, 5), (61, 250), (8, 0), (42, 42), (300, 7), (2, 96), (71, 17), (6, 600)]]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every run builds its own Accelerator; forget the process-wide accelerate state between tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_assets")
+    torch.manual_seed(0)
+    tokenizer = arithmetic.build_tokenizer()
+    lm = arithmetic.build_model(tokenizer, n_layer=2, n_embd=32, n_head=2)
+    model_dir = root / "tiny_gpt2"
+    lm.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    reward_file = root / "seven_reward.py"
+    reward_file.write_text(REWARD_SOURCE)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": "0"}) + "\n" for p in PROMPTS))
+    return SimpleNamespace(model_dir=model_dir, prompts=prompts, reward=f"{reward_file}:sevens")
+
+
+def make_config(assets, output_dir: Path, **overrides) -> Config:
+    values = dict(
+        model_name_or_path=str(assets.model_dir),
+        dataset_name=str(assets.prompts),
+        reward_funcs=[assets.reward],
+        batch_size=4,
+        max_new_tokens=4,
+        max_updates=3,
+        learning_rate=1e-3,
+        output_dir=str(output_dir),
+        progress_bar=False,
+        seed=0,
+    )
+    values.update(overrides)
+    config = Config.from_dict(values)
+    config.validate()
+    return config
+
+
+def assert_finite_metrics(history: list[dict]) -> None:
+    for row in history:
+        for key, value in row.items():
+            assert isinstance(value, (int, float)), f"update {row['update']}: {key} is {type(value).__name__}"
+            assert math.isfinite(value), f"update {row['update']}: {key} = {value}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ratio_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "ratio" in str(w.message)]
+
+
+# ----------------------------------------------------------------------------- the main run
+def test_ppo_run_trains_logs_and_saves(assets, tmp_path):
+    out = tmp_path / "run"
+    config = make_config(assets, out, num_mini_batches=1, ppo_epochs=1)
+    initial = load_policy(config, load_tokenizer(str(assets.model_dir)))
+    initial_lm = {k: v.clone() for k, v in initial.pretrained_model.state_dict().items()}
+    initial_head = {k: v.clone() for k, v in initial.v_head.state_dict().items()}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, history = run_ppo(config)
+
+    # metrics: one row per update, every value finite, the same rows on disk
+    assert [row["update"] for row in history] == [1, 2, 3]
+    assert_finite_metrics(history)
+    for key in ("score/mean", "kl/per_sequence", "entropy", "loss/policy", "loss/value", "policy/ratio_max_dev",
+                "grad_norm", "lr", "tokens_per_second"):
+        assert key in history[0], key
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert [json.loads(line)["update"] for line in lines] == [1, 2, 3]
+
+    # one micro-batch per update: its ratio before any step is 1, and nothing warned about it
+    assert history[0]["policy/ratio_max_dev"] < 1e-4
+    assert ratio_warnings(caught) == []
+
+    # the files of a finished run
+    for name in ("config.json", "model.safetensors", "value_head.safetensors", "config.yaml",
+                 "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    pickled = [p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in out.rglob(pattern)]
+    assert pickled == []
+    saved_config = Config.from_yaml(out / "config.yaml")
+    assert saved_config.train.max_updates == 3 and saved_config.ppo.batch_size == 4
+
+    # plain transformers loads the policy: no llm_rl class, no remote code
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("12+34=", return_tensors="pt").input_ids
+    assert torch.isfinite(trained(input_ids=ids).logits).all()
+
+    # the policy and the value head moved away from their initial weights
+    trained_lm = trained.state_dict()
+    changed = [k for k, v in initial_lm.items() if k in trained_lm and not torch.equal(v, trained_lm[k])]
+    assert changed, "no policy weight changed in 3 PPO updates"
+    head = load_file(out / "value_head.safetensors")
+    assert set(head) == set(initial_head)
+    assert any(not torch.equal(head[k], initial_head[k]) for k in head), "the value head did not change"
+    # what was saved is what the trainer holds
+    live = trainer.accelerator.unwrap_model(trainer.model).pretrained_model.state_dict()
+    torch.testing.assert_close(trained_lm["transformer.h.0.attn.c_attn.weight"],
+                               live["transformer.h.0.attn.c_attn.weight"].cpu())
+
+
+def test_ratio_warning_when_rollout_and_training_temperatures_differ(assets, tmp_path, monkeypatch):
+    """Old log-probs taken at another temperature than training uses must trip the first-minibatch check."""
+    original = trainer_module.score_tokens
+
+    def score_at_double_temperature(model, rollout, temperature, *args, **kwargs):
+        return original(model, rollout, temperature * 2, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "score_tokens", score_at_double_temperature)
+    config = make_config(assets, tmp_path / "run", max_updates=1, num_mini_batches=1, ppo_epochs=1)
+    with pytest.warns(RuntimeWarning, match="ratio"):
+        run_ppo(config)
+
+
+# ----------------------------------------------------------------------------- other shapes of run
+def test_gradient_accumulation_and_minibatches(assets, tmp_path):
+    config = make_config(assets, tmp_path / "run", batch_size=8, num_mini_batches=2, gradient_accumulation_steps=2,
+                         ppo_epochs=2, max_updates=2)
+    trainer, history = run_ppo(config)
+    assert len(history) == 2
+    assert_finite_metrics(history)
+    assert trainer.micro_batch_size == 2 and trainer.mini_batch_size == 4
+    # one optimizer step per mini-batch, not per micro-batch: 2 updates x 2 epochs x 2 mini-batches
+    steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert steps == {8}
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+def test_kl_in_the_loss(assets, tmp_path):
+    config = make_config(assets, tmp_path / "run", kl_placement="loss", kl_coef=0.1, max_updates=2)
+    _, history = run_ppo(config)
+    assert_finite_metrics(history)
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+    # the KL stays out of the token rewards: their mean is the scores spread over the response tokens
+    for row in history:
+        expected = row["score/mean"] * config.ppo.batch_size / row["response/tokens"]
+        assert row["token_reward/mean"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert history[-1]["kl/beta"] == pytest.approx(0.1)
+
+
+def test_output_dir_holding_a_run_needs_overwrite(assets, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"update": 1}\n{"update": 2}\n')
+    with pytest.raises(ConfigError, match="overwrite_output_dir"):
+        run_ppo(make_config(assets, out, max_updates=1))
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2  # the old run is untouched
+
+    _, history = run_ppo(make_config(assets, out, max_updates=1, overwrite_output_dir=True))
+    assert len(history) == 1
+    assert [row["update"] for row in read_jsonl(out / "metrics.jsonl")] == [1]
