@@ -109,10 +109,10 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
 
     quiet_libraries()
     start = time.perf_counter()
-    accelerator = Accelerator()
     out_dir = Path(options.output_dir)
     warm_dir, data_file = out_dir / "warm_start", out_dir / "data" / "train.jsonl"
     config = Config.from_yaml(DEMO_CONFIG, overrides)
+    accelerator = Accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)
     config.update({"model_name_or_path": str(warm_dir), "dataset_name": str(data_file), "seed": options.seed,
                    "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite})
     if options.max_updates is not None:

@@ -56,6 +56,8 @@ class CausalLMWithValueHead(nn.Module):
         self.pretrained_model = pretrained_model
         lm = unwrap_transformers_model(pretrained_model)
         self.config = lm.config
+        # FSDP's transformer auto-wrap reads the layer classes from the model it is given
+        self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
         hidden_size = lm.get_output_embeddings().in_features
         self.v_head: Optional[nn.Linear] = None
         if value_head:

@@ -155,15 +155,13 @@ class RewardTrainingConfig:
     lora_target_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Module names to adapt, e.g. q_proj,v_proj (default: peft's choice for the model)."}
     )
-    merge_lora: bool = field(
+    merge_adapter: bool = field(
         default=False,
         metadata={"help": "Save the merged full model instead of the adapter (then plain transformers loads it)."},
     )
     # ---- Hub
     push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
-    hub_model_id: Optional[str] = field(
-        default=None, metadata={"help": "Hub repository 'user/name' (default: the output_dir folder name)."}
-    )
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id, e.g. 'user/addition-rm'."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
 
     # ---- loading -------------------------------------------------------------------
@@ -220,7 +218,8 @@ class RewardTrainingConfig:
             (self.torch_dtype in DTYPES, f"torch_dtype: one of {', '.join(DTYPES)}"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-            (not self.merge_lora or self.use_peft, "merge_lora needs use_peft: true"),
+            (not self.merge_adapter or self.use_peft, "merge_adapter needs use_peft: true"),
+            (not self.push_to_hub or bool(self.hub_model_id), "push_to_hub needs hub_model_id (e.g. 'user/addition-rm')"),
         ]
         for ok, message in checks:
             if not ok:
@@ -551,7 +550,10 @@ def train_reward_model(config: RewardTrainingConfig) -> dict:
     bar.close()
     save_reward_model(accelerator, scorer, tokenizer, config, resized, last_metrics)
     if config.push_to_hub and accelerator.is_main_process:
-        push_folder_to_hub(output_dir, config.hub_model_id or output_dir.resolve().name, config.hub_private_repo)
+        from llm_rl.hub import push_folder
+
+        url = push_folder(output_dir, config.hub_model_id, config.hub_private_repo, "llm_rl reward model")
+        print(f"[reward] pushed {output_dir} to {url}")
     accelerator.wait_for_everyone()
     if config.report_to != "none":
         accelerator.end_training()
@@ -621,7 +623,7 @@ def save_reward_model(accelerator, scorer, tokenizer, config: RewardTrainingConf
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(scorer).model
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
-        if config.use_peft and config.merge_lora:
+        if config.use_peft and config.merge_adapter:
             model.merge_and_unload().save_pretrained(output_dir)
         elif config.use_peft:
             # an added pad token grew the embeddings: the adapter must carry them
@@ -636,13 +638,15 @@ def save_reward_model(accelerator, scorer, tokenizer, config: RewardTrainingConf
 
 
 def model_card(config: RewardTrainingConfig, metrics: dict) -> str:
-    adapter = config.use_peft and not config.merge_lora
+    """README.md for the output folder (and the Hub page): base model, data, how to load, held-out metrics."""
+    adapter = config.use_peft and not config.merge_adapter
+    repo = config.hub_model_id or config.output_dir
     load = (
         "from peft import AutoPeftModelForSequenceClassification\n"
-        "model = AutoPeftModelForSequenceClassification.from_pretrained(PATH)"
+        f"model = AutoPeftModelForSequenceClassification.from_pretrained({repo!r})"
         if adapter
         else "from transformers import AutoModelForSequenceClassification\n"
-        "model = AutoModelForSequenceClassification.from_pretrained(PATH)"
+        f"model = AutoModelForSequenceClassification.from_pretrained({repo!r})"
     )
     results = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if k.startswith("eval/"))
     return (
@@ -653,17 +657,6 @@ def model_card(config: RewardTrainingConfig, metrics: dict) -> str:
         f"```python\n{load}\n```\n\n| held-out metric | value |\n|---|---|\n{results}\n\n"
         f"Training options: `{CONFIG_FILE}`; metrics per step: `metrics.jsonl`.\n"
     )
-
-
-def push_folder_to_hub(folder: Path, repo_id: str, private: bool) -> str:
-    """Create (or reuse) the Hub model repository and upload the folder; returns the repo URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload reward model (llm_rl)")
-    print(f"[reward] pushed {folder} to {url}")
-    return str(url)
 
 
 # ====================================================================== command line

@@ -78,8 +78,16 @@ class PPOTrainer:
         )
         cfg_t, cfg_p, cfg_s = config.train, config.ppo, config.sampling
         log_with = None if cfg_t.report_to == "none" else cfg_t.report_to
-        self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=cfg_t.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            log_with=log_with, project_dir=cfg_t.output_dir, gradient_accumulation_steps=cfg_p.gradient_accumulation_steps
+        )
         acc = self.accelerator
+        if acc.gradient_accumulation_steps != cfg_p.gradient_accumulation_steps:
+            raise ConfigError(
+                f"the Accelerator accumulates {acc.gradient_accumulation_steps} micro-batches but the config says "
+                f"gradient_accumulation_steps={cfg_p.gradient_accumulation_steps}; create it with "
+                "Accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)"
+            )
         self.output_dir = Path(cfg_t.output_dir)
         self._check_output_dir()
 
@@ -88,6 +96,9 @@ class PPOTrainer:
         self.micro_batch_size = self.rollout_rows // (cfg_p.num_mini_batches * cfg_p.gradient_accumulation_steps)
         self.mini_batch_size = self.micro_batch_size * cfg_p.gradient_accumulation_steps
         self.generation_batch_size = cfg_s.generation_batch_size or self.rollout_rows
+        # one epoch over one micro-batch: the training forward, taken before any step, *is* the
+        # old policy, so it also gives the old log-probs and values and the rollout skips that pass
+        self.fused = cfg_p.ppo_epochs == 1 and cfg_p.num_mini_batches == 1 and cfg_p.gradient_accumulation_steps == 1
         self.sampler = PromptSampler(
             len(prompts), cfg_p.batch_size, acc.num_processes, acc.process_index, cfg_t.seed, config.data.shuffle
         )
@@ -147,6 +158,7 @@ class PPOTrainer:
                 f"{self.output_dir} already holds a run (metrics.jsonl); resume it with "
                 "resume_from_checkpoint: latest, choose another output_dir, or set overwrite_output_dir: true"
             )
+        self.accelerator.wait_for_everyone()  # every rank has looked before the main process writes
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if self.resume_path is None:
@@ -204,13 +216,16 @@ class PPOTrainer:
         )
         while self.update < self.num_updates:
             start = time.perf_counter()
-            rollout, timing = self.rollout(self.prompts.batch(next(batches)))
+            rollout, timing = self.rollout(self.prompts.batch(next(batches)), old_policy=not self.fused)
             t0 = time.perf_counter()
             reward_means = self.score(rollout)
-            kl_per_token = self.compute_advantages(rollout)
             timing["time/reward"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            train_stats = self.optimize(rollout)
+            if self.fused:
+                train_stats, kl_per_token = self.fused_update(rollout)
+            else:
+                kl_per_token = self.compute_advantages(rollout)
+                train_stats = self.optimize(rollout)
             timing["time/train"] = time.perf_counter() - t0
             self.update += 1
             metrics = self.rollout_metrics(rollout, kl_per_token, reward_means)
@@ -243,8 +258,8 @@ class PPOTrainer:
 
     # ================================================================== phases
     @torch.no_grad()
-    def rollout(self, batch: dict) -> tuple[Rollout, dict]:
-        """Sample responses and take their old log-probs, values and reference log-probs."""
+    def rollout(self, batch: dict, old_policy: bool = True) -> tuple[Rollout, dict]:
+        """Sample responses and take their reference log-probs, and (`old_policy`) old log-probs and values."""
         acc, cfg_s = self.accelerator, self.config.sampling
         prompt_ids, prompt_mask = batch["prompt_ids"].to(acc.device), batch["prompt_mask"].to(acc.device)
         groups = self.config.ppo.num_generations  # each prompt's completions sit on consecutive rows
@@ -275,9 +290,10 @@ class PPOTrainer:
         )
         rollout.completions = self.decode(rollout)
         with acc.autocast():
-            rollout.logprobs, rollout.values = score_tokens(
-                unwrapped, rollout, cfg_s.temperature, self.micro_batch_size
-            )
+            if old_policy:  # through the prepared model: FSDP/ZeRO-3 gather their shards per layer
+                rollout.logprobs, rollout.values = score_tokens(
+                    self.model, rollout, cfg_s.temperature, self.micro_batch_size
+                )
             with self.reference() as reference:
                 rollout.ref_logprobs, _ = score_tokens(
                     reference, rollout, cfg_s.temperature, self.micro_batch_size, reference=True
@@ -292,8 +308,8 @@ class PPOTrainer:
             yield self.ref_model
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
-        with unwrapped.pretrained_model.disable_adapter():
-            yield unwrapped
+        with unwrapped.pretrained_model.disable_adapter():  # in place: the prepared model runs without it
+            yield self.model
 
     def decode(self, rollout: Rollout) -> list[str]:
         """Response texts without the stop token or padding."""
@@ -375,27 +391,19 @@ class PPOTrainer:
                 mini_rows = order[mini * self.mini_batch_size : (mini + 1) * self.mini_batch_size]
                 for micro in range(cfg_p.gradient_accumulation_steps):
                     rows = mini_rows[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
-                    last_micro = micro == cfg_p.gradient_accumulation_steps - 1
-                    sync = contextlib.nullcontext() if last_micro else acc.no_sync(self.model)
-                    with sync:
+                    # accelerate skips the gradient all-reduce (DDP) or the engine step (DeepSpeed)
+                    # until the last micro-batch, and scales the loss by 1 / gradient_accumulation_steps
+                    with acc.accumulate(self.model):
                         stats = self.train_step(trim_responses(rollout.select(rows)))
+                        if acc.sync_gradients:
+                            grad_norm = self.apply_gradients()
+                            if grad_norm is not None:
+                                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
                     if epoch == 0 and mini == 0 and micro == 0:
                         self.check_first_ratio(stats["policy/ratio_max_dev"])
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
-                if cfg_p.max_grad_norm is not None:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg_p.max_grad_norm)
-                    grad_norm = torch.as_tensor(grad_norm).float().detach()
-                    if not torch.isfinite(grad_norm):
-                        raise FloatingPointError(
-                            f"update {self.update + 1}: the gradient norm is {grad_norm.item()}; nothing was "
-                            "applied and the last checkpoint is intact. Lower learning_rate or check the rewards."
-                        )
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
         means = {k: v / n_micro for k, v in sums.items() if k != "grad_norm"}
         if "grad_norm" in sums:
             means["grad_norm"] = sums["grad_norm"] / (cfg_p.ppo_epochs * cfg_p.num_mini_batches)
@@ -403,14 +411,56 @@ class PPOTrainer:
         means["lr"] = self.scheduler.get_last_lr()[0]
         return means
 
-    def train_step(self, batch: Rollout) -> dict[str, torch.Tensor]:
-        """Loss on one micro-batch and its backward; returns detached stats."""
+    def fused_update(self, rollout: Rollout) -> tuple[dict[str, float], torch.Tensor]:
+        """The whole update when it is one epoch over one micro-batch: a single training forward gives
+        the old log-probs and values (detached), then advantages, loss, backward and one step."""
+        logprobs, values, logits = self.forward(rollout)
+        valid = rollout.response_mask.bool()
+        rollout.logprobs = logprobs.detach().float().masked_fill(~valid, 0.0)
+        if values is not None:
+            rollout.values = values.detach().float().masked_fill(~valid, 0.0)
+        kl = self.compute_advantages(rollout)
+        stats = self.loss_and_backward(rollout, logprobs, values, logits)
+        grad_norm = self.apply_gradients()
+        if grad_norm is not None:
+            stats["grad_norm"] = grad_norm
+        means = self.global_mean(stats)
+        means["lr"] = self.scheduler.get_last_lr()[0]
+        return means, kl
+
+    def apply_gradients(self) -> Optional[torch.Tensor]:
+        """Clip the global grad norm, step optimizer and schedule; returns the norm before clipping."""
         cfg_p, acc = self.config.ppo, self.accelerator
-        mask = batch.response_mask
-        logprobs, values, logits = forward_logprobs(
-            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask,
+        grad_norm = None
+        if cfg_p.max_grad_norm is not None:
+            grad_norm = torch.as_tensor(acc.clip_grad_norm_(self.model.parameters(), cfg_p.max_grad_norm))
+            grad_norm = grad_norm.float().detach()
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(
+                    f"update {self.update + 1}: the gradient norm is {grad_norm.item()}; nothing was "
+                    "applied and the last checkpoint is intact. Lower learning_rate or check the rewards."
+                )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def forward(self, batch: Rollout):
+        """Training forward (with grad): log-probs (batch, resp_len), values or None, logits."""
+        return forward_logprobs(
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
             self.config.sampling.temperature,
         )
+
+    def train_step(self, batch: Rollout) -> dict[str, torch.Tensor]:
+        """Loss on one micro-batch and its backward; returns detached stats."""
+        logprobs, values, logits = self.forward(batch)
+        return self.loss_and_backward(batch, logprobs, values, logits)
+
+    def loss_and_backward(self, batch: Rollout, logprobs, values, logits) -> dict[str, torch.Tensor]:
+        """PPO loss of a micro-batch from its training forward, and its backward; returns detached stats."""
+        cfg_p, acc = self.config.ppo, self.accelerator
+        mask = batch.response_mask
         pg_loss, pg_stats = policy_loss(
             logprobs, batch.logprobs, batch.advantages, mask,
             clip_range=cfg_p.clip_range, dual_clip=cfg_p.dual_clip, loss_agg=cfg_p.loss_agg,
@@ -432,7 +482,7 @@ class PPOTrainer:
                 f"update {self.update + 1}: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}); "
                 "lower learning_rate, check rewards for huge values, or set max_grad_norm"
             )
-        acc.backward(loss / cfg_p.gradient_accumulation_steps)
+        acc.backward(loss)  # accelerate divides by gradient_accumulation_steps
         valid = mask.bool()
         ratio_dev = (logprobs.detach() - batch.logprobs).exp().sub(1).abs().masked_fill(~valid, 0).max()
         stats = {
@@ -465,43 +515,62 @@ class PPOTrainer:
 
     # ================================================================== metrics, logging, saving
     def rollout_metrics(self, rollout: Rollout, kl: torch.Tensor, reward_means: dict) -> dict[str, float]:
-        """Means over all processes of what the rollout produced (one collective)."""
+        """What the rollout produced, over all processes: totals are summed in one collective and
+        divided afterwards, so means and variances are exact, not means of per-process means."""
         mask = rollout.response_mask.float()
-        n_tokens = mask.sum()
-        local = {
-            "score/mean": masked_mean(rollout.scores.float(), mask.sum(dim=1) > 0),  # dropped samples excluded
-            "kl/per_sequence": kl.sum(dim=1).mean(),
-            "kl/per_token": kl.sum() / n_tokens.clamp(min=1),
-            "response/length": mask.sum(dim=1).mean(),
-            "response/eos_rate": rollout.ended.float().mean(),
-            "response/tokens": n_tokens,
-            "token_reward/mean": masked_mean(rollout.token_rewards, mask),
-            **{f"reward/{k}": torch.tensor(v) for k, v in reward_means.items()},
+        kept = mask.sum(dim=1) > 0  # samples not dropped for an invalid reward
+        totals = {
+            "rows": torch.tensor(float(len(rollout))),
+            "kept": kept.float().sum(),
+            "tokens": mask.sum(),
+            "ended": rollout.ended.float().sum(),
+            "score": rollout.scores.float()[kept].sum(),
+            "kl": kl.sum(),
+            "token_reward": (rollout.token_rewards * mask).sum(),
+            **{f"reward/{k}": torch.tensor(v * float(kept.sum())) for k, v in reward_means.items() if k != "invalid"},
+            "reward/invalid": torch.tensor(reward_means.get("invalid", 0.0)),
         }
         if rollout.values is not None:
             values, returns = rollout.values, rollout.returns
-            local["value/mean"] = masked_mean(values, mask)
-            local["var_returns"] = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-            local["var_residual"] = masked_mean((returns - values) ** 2, mask)
-        out = self.global_mean(local)
-        for count in ("response/tokens", "reward/invalid"):  # counts: sums over processes
-            out[count] *= self.accelerator.num_processes
+            totals.update({
+                "value": (values * mask).sum(),
+                "return": (returns * mask).sum(),
+                "return_sq": (returns**2 * mask).sum(),
+                "residual_sq": ((returns - values) ** 2 * mask).sum(),
+            })
+        g = self.global_sum(totals)
+        kept_rows, tokens = max(g["kept"], 1.0), max(g["tokens"], 1.0)
+        out = {
+            "score/mean": g["score"] / kept_rows,
+            "kl/per_sequence": g["kl"] / kept_rows,
+            "kl/per_token": g["kl"] / tokens,
+            "kl/beta": self.kl_controller.value,
+            "response/length": g["tokens"] / kept_rows,
+            "response/eos_rate": g["ended"] / g["rows"],
+            "response/tokens": g["tokens"],
+            "token_reward/mean": g["token_reward"] / tokens,
+            "reward/invalid": g["reward/invalid"],
+            **{k: v / kept_rows for k, v in g.items() if k.startswith("reward/") and k != "reward/invalid"},
+        }
         if rollout.values is not None:
-            var_returns, var_residual = out.pop("var_returns"), out.pop("var_residual")
-            out["value/explained_variance"] = 1.0 - var_residual / max(var_returns, 1e-8)
-        out["kl/beta"] = self.kl_controller.value
+            var_returns = g["return_sq"] / tokens - (g["return"] / tokens) ** 2
+            out["value/mean"] = g["value"] / tokens
+            out["value/explained_variance"] = 1.0 - (g["residual_sq"] / tokens) / max(var_returns, 1e-8)
         return out
 
-    def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean over processes of per-process scalars (one collective for all of them)."""
+    def global_sum(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Sum over processes of per-process scalars (one collective for all of them)."""
         if not values:
             return {}
         keys = sorted(values)
         stacked = torch.stack([torch.as_tensor(values[k]).float().reshape(()) for k in keys]).to(
             self.accelerator.device
         )
-        stacked = self.accelerator.reduce(stacked, "mean")
-        return dict(zip(keys, stacked.tolist()))
+        return dict(zip(keys, self.accelerator.reduce(stacked, "sum").tolist()))
+
+    def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over processes of per-process scalars."""
+        return {k: v / self.accelerator.num_processes for k, v in self.global_sum(values).items()}
 
     def log(self, metrics: dict, bar) -> None:
         acc = self.accelerator

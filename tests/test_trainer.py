@@ -157,9 +157,35 @@ def test_ratio_warning_when_rollout_and_training_temperatures_differ(assets, tmp
         return original(model, rollout, temperature * 2, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "score_tokens", score_at_double_temperature)
-    config = make_config(assets, tmp_path / "run", max_updates=1, num_mini_batches=1, ppo_epochs=1)
+    # two micro-batches: the rollout takes its own no-grad forward (the fused path has none to get wrong)
+    config = make_config(assets, tmp_path / "run", max_updates=1, gradient_accumulation_steps=2, ppo_epochs=1)
     with pytest.warns(RuntimeWarning, match="ratio"):
         run_ppo(config)
+
+
+def test_fused_update_matches_the_plain_path(assets, tmp_path):
+    """One epoch over one micro-batch reuses the training forward as the old policy: same result as
+    taking the old log-probs and values in a separate no-grad forward."""
+    results = []
+    for fused in (True, False):
+        config = make_config(assets, tmp_path / f"run-{fused}", max_updates=2, seed=3)
+        tokenizer = load_tokenizer(str(assets.model_dir))
+        from llm_rl.pipeline import load_prompts, load_rewards
+
+        trainer = trainer_module.PPOTrainer(config, load_policy(config, tokenizer), tokenizer,
+                                            load_prompts(config, tokenizer), load_rewards(config))
+        assert trainer.fused
+        trainer.fused = fused
+        history = trainer.train()
+        params = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+        results.append((history, params))
+    (fused_history, fused_params), (plain_history, plain_params) = results
+    for key in ("loss/policy", "loss/value", "score/mean", "kl/per_sequence", "policy/clipfrac"):
+        assert [r[key] for r in fused_history] == pytest.approx([r[key] for r in plain_history], rel=1e-4, abs=1e-6)
+    for name, value in fused_params.items():
+        torch.testing.assert_close(value, plain_params[name], atol=1e-5, rtol=1e-4)
+    assert fused_history[0]["policy/ratio_max_dev"] == 0.0
+    assert plain_history[0]["policy/ratio_max_dev"] < 1e-5
 
 
 # ----------------------------------------------------------------------------- other shapes of run

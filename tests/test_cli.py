@@ -1,0 +1,152 @@
+"""The `llm-rl` command end to end, each run in its own process (`python -m llm_rl.cli ...`).
+
+These check the pipeline's outputs (exit codes, files, printed table), never how much
+the model learned in a couple of updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llm_rl.tasks import arithmetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+REWARD_SOURCE = '''
+def sevens(prompts, completions, **columns):
+    """Fraction of the completion's characters that are the digit 7."""
+    return [c.count("7") / len(c) if c else 0.0 for c in completions]
+'''
+
+
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(
+        HF_HOME=str(tmp_path / "hf_home"),  # no user accelerate/datasets state leaks in
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "llm_rl.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture
+def ppo_yaml(tmp_path) -> Path:
+    """A tiny saved model, a jsonl of prompts, a reward module and the YAML naming them."""
+    torch.manual_seed(0)
+    tokenizer = arithmetic.build_tokenizer()
+    lm = arithmetic.build_model(tokenizer, n_layer=2, n_embd=32, n_head=2)
+    lm.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "seven_reward.py").write_text(REWARD_SOURCE)
+    prompts = [f"{a}+{b}=" for a in (1, 23, 456, 7) for b in (8, 90, 5)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    config = {
+        "model": {"model_name_or_path": str(tmp_path / "model")},
+        "data": {"dataset_name": str(tmp_path / "prompts.jsonl")},
+        "sampling": {"max_new_tokens": 4},
+        "reward": {"reward_funcs": [f"{tmp_path / 'seven_reward.py'}:sevens"]},
+        "ppo": {"batch_size": 4, "learning_rate": 1e-3},
+        "train": {"max_updates": 10, "seed": 0, "progress_bar": False},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_ppo_command(ppo_yaml, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(["ppo", "--config", str(ppo_yaml), "--max_updates", "2", "--output_dir", str(out)], tmp_path)
+    assert proc.returncode == 0, explain(proc)
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2]  # the command line's max_updates beat the YAML's 10
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    for name in ("config.json", "model.safetensors", "value_head.safetensors", "config.yaml",
+                 "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert not [p for pattern in ("*.bin", "*.pt") for p in out.rglob(pattern)]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["max_updates"] == 2 and saved["train"]["output_dir"] == str(out)
+    assert "update 2" in proc.stdout  # the summary line of the last update
+
+
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_misspelled_key_exits_2_with_the_closest_name(ppo_yaml, tmp_path, where):
+    args = ["ppo", "--config", str(ppo_yaml), "--output_dir", str(tmp_path / "out")]
+    if where == "command line":
+        args += ["--learning_rat", "1e-4"]
+    else:
+        config = yaml.safe_load(ppo_yaml.read_text())
+        config["ppo"]["clip_rnage"] = 0.1
+        ppo_yaml.write_text(yaml.safe_dump(config))
+    proc = run_cli(args, tmp_path, timeout=120)
+    assert proc.returncode == 2, explain(proc)
+    wrong, right = ("learning_rat", "learning_rate") if where == "command line" else ("clip_rnage", "clip_range")
+    assert wrong in proc.stderr and right in proc.stderr, explain(proc)
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_demo_command(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli(
+        ["demo", "--max_updates", "2", "--warm_start_steps", "20", "--output_dir", str(out), "--seed", "0",
+         # extra keys go to the PPO config: a smaller batch keeps the test short
+         "--batch_size", "16", "--ppo_epochs", "1"],
+        tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, explain(proc)
+
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "reward_before", "reward_after", "kl_after", "seconds", "seed"):
+        assert key in summary, key
+        assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), (key, summary[key])
+    assert summary["seed"] == 0
+    assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the before/after table on stdout
+    header = next((line for line in proc.stdout.splitlines() if "before" in line and "after" in line), None)
+    assert header is not None, explain(proc)
+    assert "held-out exact match" in proc.stdout and "mean reward" in proc.stdout
+
+    # the trained policy is a plain transformers checkpoint: load it in a process without llm_rl
+    check = textwrap.dedent(f"""
+        import sys
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+        ids = tokenizer("12+34=", return_tensors="pt").input_ids
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+        assert "llm_rl" not in sys.modules
+        print("loaded", type(model).__name__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert loaded.returncode == 0, explain(loaded)
+    assert "loaded GPT2LMHeadModel" in loaded.stdout
