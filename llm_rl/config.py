@@ -185,6 +185,11 @@ class TrainConfig:
     )
     seed: int = field(default=42, metadata={"help": "Seed for every random choice."})
     max_updates: Optional[int] = field(default=None, metadata={"help": "Stop after this many PPO updates."})
+    max_seconds: Optional[float] = field(
+        default=None,
+        metadata={"help": "Also stop once training has run this long (wall clock; the LR schedule still spans "
+                          "max_updates)."},
+    )
     num_train_epochs: float = field(
         default=1.0, metadata={"help": "Passes over the prompts (used when max_updates is not set)."}
     )
@@ -312,6 +317,7 @@ class Config:
             (d.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
             (t.max_updates is None or t.max_updates >= 1, "max_updates must be >= 1"),
             (t.num_train_epochs > 0, "num_train_epochs must be > 0"),
+            (t.max_seconds is None or t.max_seconds > 0, "max_seconds must be > 0"),
             (t.logging_steps >= 1, "logging_steps must be >= 1"),
             (t.save_steps >= 0, "save_steps must be >= 0"),
             (not t.push_to_hub or bool(t.hub_model_id), "push_to_hub needs hub_model_id (e.g. 'user/model-ppo')"),

@@ -214,6 +214,7 @@ class PPOTrainer:
             disable=not (acc.is_main_process and cfg_t.progress_bar),
             dynamic_ncols=True,
         )
+        train_start, eval_seconds = time.perf_counter(), 0.0  # the time budget excludes evaluation
         while self.update < self.num_updates:
             start = time.perf_counter()
             rollout, timing = self.rollout(self.prompts.batch(next(batches)), old_policy=not self.fused)
@@ -233,16 +234,25 @@ class PPOTrainer:
             metrics.update(train_stats)
             metrics.update(timing)
             metrics["time/update"] = time.perf_counter() - start
+            metrics["time/elapsed"] = time.perf_counter() - train_start - eval_seconds
             metrics["tokens_per_second"] = metrics["response/tokens"] / metrics["time/update"]
             if self.eval_fn is not None and cfg_t.eval_steps and (
                 self.update % cfg_t.eval_steps == 0 or self.update == self.num_updates
             ):
+                t0 = time.perf_counter()
                 metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self).items()})
+                eval_seconds += time.perf_counter() - t0
             metrics = {"update": self.update, **metrics}
             history.append(metrics)
             self.log(metrics, bar)
-            if cfg_t.save_steps and (self.update % cfg_t.save_steps == 0 or self.update == self.num_updates):
+            out_of_time = cfg_t.max_seconds is not None and self.global_mean(
+                {"elapsed": torch.tensor(metrics["time/elapsed"])})["elapsed"] > cfg_t.max_seconds  # ranks agree
+            if cfg_t.save_steps and (
+                self.update % cfg_t.save_steps == 0 or self.update == self.num_updates or out_of_time
+            ):
                 self.save_checkpoint()
+            if out_of_time:
+                break
         bar.close()
         self.save_model(self.output_dir)
         if acc.is_main_process:
