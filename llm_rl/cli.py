@@ -1,7 +1,7 @@
 """The `llm-rl` command.
 
-    llm-rl demo [--seed 0] [--output_dir outputs/demo] [--max_updates N] [--warm_start_steps N] [--overwrite]
-                [--prepare_only] [--any_config_key value ...]
+    llm-rl demo [--seed 0] [--output_dir outputs/demo] [--max_updates N] [--warm_start_steps N] [--warm_start_accuracy A]
+                [--overwrite] [--prepare_only] [--any_config_key value ...]
     llm-rl ppo --config recipes/configs/X.yaml [--any_config_key value ...]
 
 Both run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`).
@@ -39,11 +39,15 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--output_dir", default=defaults.output_dir)
     parser.add_argument("--max_updates", type=int, default=None, help="PPO updates (default: the recipe's)")
-    parser.add_argument("--warm_start_steps", type=int, default=defaults.warm_start_steps)
+    parser.add_argument("--warm_start_steps", type=int, default=defaults.warm_start_steps,
+                        help="most supervised warm-start steps")
+    parser.add_argument("--warm_start_accuracy", type=float, default=defaults.warm_start_accuracy,
+                        help="stop the warm start at this greedy exact match on training problems")
     parser.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a run")
     parser.add_argument("--prepare_only", action="store_true", help="only build the warm-started model and data")
     args, overrides = parser.parse_known_args(argv)
     options = DemoOptions(output_dir=args.output_dir, seed=args.seed, warm_start_steps=args.warm_start_steps,
+                          warm_start_accuracy=args.warm_start_accuracy,
                           max_updates=args.max_updates, overwrite=args.overwrite, prepare_only=args.prepare_only)
     run_demo(options, overrides)
     return 0

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from llm_rl.config import Config
 from llm_rl.kl import kl_penalty
 from llm_rl.modeling import CausalLMWithValueHead
-from llm_rl.rollout import Rollout, generate_responses, score_tokens
+from llm_rl.rollout import score_tokens
 from llm_rl.tasks import arithmetic
 
 DEMO_CONFIG = Path(__file__).parent / "tasks" / "addition_ppo.yaml"
@@ -33,7 +33,8 @@ DEMO_CONFIG = Path(__file__).parent / "tasks" / "addition_ppo.yaml"
 class DemoOptions:
     output_dir: str = "outputs/demo"
     seed: int = 0
-    warm_start_steps: int = 600
+    warm_start_steps: int = 1500  # at most; stops once it reaches warm_start_accuracy
+    warm_start_accuracy: float = 0.45  # greedy exact match on training problems that ends the warm start
     max_updates: Optional[int] = None  # default from the YAML recipe
     num_digits: int = 2
     num_heldout: int = 500
@@ -41,12 +42,13 @@ class DemoOptions:
     prepare_only: bool = False  # build the warm start and data, then stop (for recipes/configs/addition.yaml)
 
 
-def build_warm_start(train: Sequence[arithmetic.Problem], steps: int, seed: int, folder: Path) -> list[float]:
+def build_warm_start(train: Sequence[arithmetic.Problem], max_steps: int, seed: int, folder: Path,
+                     target_accuracy: float = 1.0) -> list[float]:
     """Tokenizer + tiny GPT-2, supervised warm start; saved to `folder` (safetensors). Returns the losses."""
     set_seed(seed)
     tokenizer = arithmetic.build_tokenizer()
     lm = arithmetic.build_model(tokenizer)
-    losses = arithmetic.supervised_warm_start(lm, tokenizer, train, steps, seed=seed)
+    losses = arithmetic.supervised_warm_start(lm, tokenizer, train, max_steps, target_accuracy, seed=seed)
     lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return losses
@@ -54,51 +56,27 @@ def build_warm_start(train: Sequence[arithmetic.Problem], steps: int, seed: int,
 
 @torch.no_grad()
 def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
-             problems: Sequence[arithmetic.Problem], temperature: float = 1.0, max_new_tokens: int = 6) -> dict:
-    """Held-out exact match (greedy), and on sampled responses: mean reward and KL to the reference.
+             problems: Sequence[arithmetic.Problem], temperature: float = 1.0) -> dict:
+    """Held-out exact match and response length (greedy); on sampled responses, mean reward and
+    KL to the reference (k1, summed per sequence).
 
     `reference`: a model, or a callable returning a context manager that yields one (a LoRA
     policy's reference is the policy itself with the adapter disabled, only inside that context).
     """
     reference_context = reference if callable(reference) and not isinstance(reference, torch.nn.Module) else (
         lambda: contextlib.nullcontext(reference))
-    device = next(policy.parameters()).device
-    batch = left_pad([tokenizer(p.prompt).input_ids for p in problems], tokenizer.pad_token_id)
-    prompt_ids, prompt_mask = batch[0].to(device), batch[1].to(device)
     answers = [p.answer for p in problems]
-    was_training = policy.training
-    policy.eval()
-    out = {}
-    for greedy in (True, False):
-        ids, mask, ended = generate_responses(
-            policy.pretrained_model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=[tokenizer.eos_token_id],
-            pad_token_id=tokenizer.pad_token_id, chunk_size=len(problems), do_sample=not greedy,
-        )
-        rollout = Rollout(prompt_ids, prompt_mask, ids, mask, ended)
-        texts = tokenizer.batch_decode(
-            [row[: n - int(e)] for row, n, e in zip(ids.tolist(), mask.sum(1).tolist(), ended.tolist())],
-            skip_special_tokens=True,
-        )
-        correct = arithmetic.reward(None, texts, answers)
-        if greedy:
-            out["accuracy"] = sum(correct) / len(correct)
-            out["length"] = float(mask.sum(1).float().mean())
-        else:
-            out["reward"] = sum(correct) / len(correct)
-            logprobs, _ = score_tokens(policy, rollout, temperature, chunk_size=len(problems))
-            with reference_context() as ref:
-                ref_logprobs, _ = score_tokens(ref, rollout, temperature, chunk_size=len(problems), reference=True)
-            out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * mask).sum(1).mean())
-    policy.train(was_training)
+    texts, greedy = arithmetic.complete(policy.pretrained_model, tokenizer, problems, greedy=True)
+    out = {"accuracy": sum(arithmetic.reward(None, texts, answers)) / len(problems),
+           "length": float(greedy.response_mask.sum(1).float().mean())}
+    texts, sampled = arithmetic.complete(policy.pretrained_model, tokenizer, problems, greedy=False,
+                                         temperature=temperature)
+    out["reward"] = sum(arithmetic.reward(None, texts, answers)) / len(problems)
+    logprobs, _ = score_tokens(policy, sampled, temperature, chunk_size=len(problems))
+    with reference_context() as ref:
+        ref_logprobs, _ = score_tokens(ref, sampled, temperature, chunk_size=len(problems), reference=True)
+    out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * sampled.response_mask).sum(1).mean())
     return out
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(map(len, sequences))
-    ids = torch.tensor([[pad_id] * (longest - len(s)) + s for s in sequences])
-    mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in sequences])
-    return ids, mask
 
 
 def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dict:
@@ -128,8 +106,10 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
         if (out_dir / "metrics.jsonl").exists() and not options.overwrite:
             raise SystemExit(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
                              "or another --output_dir")
-        print(f"[demo] warm start: {options.warm_start_steps} supervised steps on {options.num_digits}-digit addition")
-        build_warm_start(train, options.warm_start_steps, options.seed, warm_dir)
+        print(f"[demo] warm start: supervised steps on {options.num_digits}-digit addition until "
+              f"{options.warm_start_accuracy:.0%} exact match on training problems (at most {options.warm_start_steps})")
+        losses = build_warm_start(train, options.warm_start_steps, options.seed, warm_dir, options.warm_start_accuracy)
+        (out_dir / "warm_start_steps.txt").write_text(f"{len(losses)}\n")
         arithmetic.write_jsonl(train, data_file)
     accelerator.wait_for_everyone()
     t_warm = time.perf_counter() - start
@@ -169,7 +149,7 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
         "reward_before": before["reward"], "reward_after": after["reward"],
         "kl_before": before["kl"], "kl_after": after["kl"],
         "length_before": before["length"], "length_after": after["length"],
-        "updates": trainer.num_updates, "warm_start_steps": options.warm_start_steps,
+        "updates": trainer.update, "warm_start_steps": int((out_dir / "warm_start_steps.txt").read_text()),
         "seconds_warm_start": t_warm, "seconds": seconds, "seed": options.seed,
     }
     if accelerator.is_main_process:

@@ -280,8 +280,10 @@ def load_reward_model(config: RewardTrainingConfig):
 
 def apply_lora(model, config: RewardTrainingConfig):
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     lora = LoraConfig(
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
         task_type="SEQ_CLS",  # peft then also trains and saves the score head (modules_to_save)
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -471,7 +473,7 @@ def train_reward_model(config: RewardTrainingConfig) -> dict:
         project_dir=config.output_dir,
     )
     output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, config.overwrite_output_dir, accelerator.is_main_process)
+    check_output_dir(accelerator, output_dir, config.overwrite_output_dir)
     set_seed(config.seed)  # the score head starts identical on every process
 
     model, tokenizer, resized = load_reward_model(config)
@@ -601,13 +603,16 @@ def log_metrics(accelerator, metrics: dict, metrics_file: Path, bar, trackers: b
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
-def check_output_dir(output_dir: Path, overwrite: bool, is_main_process: bool) -> None:
+def check_output_dir(accelerator, output_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder holding another run; then the main process starts a fresh metrics.jsonl."""
     metrics = output_dir / "metrics.jsonl"
-    if metrics.exists() and not overwrite:
+    taken = metrics.exists() and not overwrite
+    accelerator.wait_for_everyone()  # every process looks before the main process writes
+    if taken:
         raise ConfigError(
             f"{output_dir} already holds a run (metrics.jsonl); choose another output_dir or set overwrite_output_dir: true"
         )
-    if is_main_process:
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         metrics.write_text("")
 

@@ -112,6 +112,13 @@ def generate_responses(
     return response_ids[:, :longest], response_mask[:, :longest], ended
 
 
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor) -> list[str]:
+    """Response texts without the stop token or padding."""
+    lengths, stops = response_mask.sum(dim=1).tolist(), ended.tolist()
+    kept = [row[: n - int(stop)] for row, n, stop in zip(response_ids.tolist(), lengths, stops)]
+    return tokenizer.batch_decode(kept, skip_special_tokens=True)
+
+
 def forward_logprobs(
     model: CausalLMWithValueHead,
     prompt_ids: torch.Tensor,

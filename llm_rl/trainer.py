@@ -45,7 +45,7 @@ from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for
 from llm_rl.ops import entropy_from_logits, masked_mean, masked_whiten
 from llm_rl.plotting import plot_training_curves
 from llm_rl.rewards import RewardFn, RewardModel, compute_rewards, prefix_scores, shape_scores, token_rewards
-from llm_rl.rollout import Rollout, forward_logprobs, generate_responses, score_tokens
+from llm_rl.rollout import Rollout, decode_responses, forward_logprobs, generate_responses, score_tokens
 
 RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
 
@@ -298,7 +298,7 @@ class PPOTrainer:
             prompt_ids, prompt_mask, response_ids, response_mask, ended,
             prompts=batch["prompts"], columns=batch["columns"],
         )
-        rollout.completions = self.decode(rollout)
+        rollout.completions = decode_responses(self.tokenizer, response_ids, response_mask, ended)
         with acc.autocast():
             if old_policy:  # through the prepared model: FSDP/ZeRO-3 gather their shards per layer
                 rollout.logprobs, rollout.values = score_tokens(
@@ -320,14 +320,6 @@ class PPOTrainer:
         unwrapped = self.accelerator.unwrap_model(self.model)
         with unwrapped.pretrained_model.disable_adapter():  # in place: the prepared model runs without it
             yield self.model
-
-    def decode(self, rollout: Rollout) -> list[str]:
-        """Response texts without the stop token or padding."""
-        lengths = rollout.response_mask.sum(dim=1).tolist()
-        ended = rollout.ended.tolist()
-        ids = rollout.response_ids.tolist()
-        kept = [row[: n - int(stop)] for row, n, stop in zip(ids, lengths, ended)]
-        return self.tokenizer.batch_decode(kept, skip_special_tokens=True)
 
     def score(self, rollout: Rollout) -> dict[str, float]:
         """Scores from every reward, weighted, scaled, clipped and EOS-penalised; token-level rewards;

@@ -1,6 +1,6 @@
 """Built-in preference pairs on the addition task: chosen = the sum, rejected = a plausible mistake.
 
-    "35+47=" chosen "82"  rejected "81" (off by one) | "72" (carry error) | "28" (digits swapped)
+    "35+47=" chosen "82"  rejected "81"/"83" (off by one) | "72"/"92"/"182" (carry error) | "28" (digit swap)
 
 The problems come from `llm_rl.tasks.arithmetic.make_splits`, with the same defaults as
 `llm-rl demo` (2 digits, 500 held-out problems, seed 0): training pairs use only the
@@ -22,18 +22,20 @@ MISTAKES = ("off_by_one", "carry_error", "digit_swap")
 def wrong_answer(problem: arithmetic.Problem, kind: str, rng: random.Random) -> str | None:
     """An incorrect answer of the given kind, or None when that kind cannot differ from the sum here.
 
-    off_by_one: sum +- 1.  carry_error: one carry dropped (or, without carries, one added).
+    off_by_one: sum +- 1.  carry_error: sum +- 10^k (k >= 1), a carry dropped or one invented.
     digit_swap: two adjacent digits of the sum exchanged.
+    The sign of off_by_one and carry_error is a coin flip: were wrong answers mostly smaller (only
+    dropped carries), "the larger answer is right" would rank most pairs correctly, a reward model
+    would learn that instead of addition, and PPO would then push answers upwards.
     """
     total = problem.a + problem.b
     if kind == "off_by_one":
-        wrong = total + rng.choice((-1, 1)) if total > 0 else 1
-        return str(wrong)
+        wrong = total + rng.choice((-1, 1))
+        return str(wrong if wrong >= 0 else total + 1)
     if kind == "carry_error":
-        carries = carry_places(problem.a, problem.b)
-        if carries:
-            return str(total - 10 ** rng.choice(carries))  # the carry into this place was forgotten
-        return str(total + 10 ** rng.randrange(1, len(str(total)) + 1))  # a carry where none was due
+        if rng.random() < 0.5 and total >= 10:  # a carry dropped: one place reads one less
+            return str(total - 10 ** rng.randrange(1, len(str(total))))
+        return str(total + 10 ** rng.randrange(1, len(str(total)) + 1))  # a carry invented
     if kind == "digit_swap":
         digits = list(str(total))
         places = [i for i in range(len(digits) - 1) if digits[i] != digits[i + 1]]
@@ -43,18 +45,6 @@ def wrong_answer(problem: arithmetic.Problem, kind: str, rng: random.Random) -> 
         digits[i], digits[i + 1] = digits[i + 1], digits[i]
         return str(int("".join(digits)))  # a leading zero is dropped, as a sloppy adder would write it
     raise ValueError(f"unknown mistake {kind!r}; choose from {MISTAKES}")
-
-
-def carry_places(a: int, b: int) -> list[int]:
-    """Powers of ten that receive a carry when adding a and b by hand: 58+67 -> [1, 2]."""
-    places, carry, place = [], 0, 0
-    while a or b or carry:
-        carry = int(a % 10 + b % 10 + carry >= 10)
-        place += 1
-        if carry:
-            places.append(place)
-        a, b = a // 10, b // 10
-    return places
 
 
 def make_pairs(problems: Sequence[arithmetic.Problem], pairs_per_problem: int = 1, seed: int = 0) -> list[dict]:

@@ -111,22 +111,26 @@ def supervised_warm_start(
     lm,
     tokenizer,
     problems: Sequence[Problem],
-    steps: int,
+    max_steps: int,
+    target_accuracy: float = 1.0,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     seed: int = 0,
+    check_every: int = 50,
 ) -> list[float]:
     """Teach the format and some arithmetic: next-token loss on the answer and EOS only.
 
-    Returns the loss of every step. Short on purpose: the policy should start competent
-    but far from perfect, leaving room for RL.
+    Stops after `max_steps`, or earlier once greedy exact match on 256 *training* problems
+    reaches `target_accuracy`: the policy should start competent but far from perfect,
+    whatever the seed, leaving room for RL. Returns the loss of every step.
     """
     generator = torch.Generator().manual_seed(seed)
+    probe = [problems[i] for i in torch.randperm(len(problems), generator=generator)[:256].tolist()]
     optimizer = torch.optim.AdamW(lm.parameters(), lr=learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
-    lm.train()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
     losses = []
-    for _ in range(steps):
+    for step in range(1, max_steps + 1):
+        lm.train()
         rows = torch.randint(len(problems), (batch_size,), generator=generator).tolist()
         input_ids, labels = sft_batch([problems[i] for i in rows], tokenizer)
         loss = lm(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
@@ -136,8 +140,35 @@ def supervised_warm_start(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if target_accuracy < 1.0 and step % check_every == 0:
+            texts = complete(lm, tokenizer, probe, greedy=True)[0]
+            if sum(reward(None, texts, [p.answer for p in probe])) / len(probe) >= target_accuracy:
+                break
     lm.eval()
     return losses
+
+
+@torch.no_grad()
+def complete(lm, tokenizer, problems: Sequence[Problem], greedy: bool, temperature: float = 1.0,
+             max_new_tokens: int = 6):
+    """Answer every problem in one batch: (texts, rollout) with the prompts, responses and masks."""
+    from llm_rl.rollout import Rollout, decode_responses, generate_responses
+
+    was_training = lm.training
+    lm.eval()
+    ids = [tokenizer(p.prompt).input_ids for p in problems]
+    longest = max(map(len, ids))
+    device = next(lm.parameters()).device
+    prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(i)) + i for i in ids], device=device)
+    prompt_mask = torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in ids], device=device)
+    response_ids, response_mask, ended = generate_responses(
+        lm, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+        stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, chunk_size=len(problems),
+        do_sample=not greedy,
+    )
+    lm.train(was_training)
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended)
+    return decode_responses(tokenizer, response_ids, response_mask, ended), rollout
 
 
 def sft_batch(problems: Sequence[Problem], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
