@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from llm_rl.rewards import RewardError, RewardFn, compute_rewards, load_reward_function
+from llm_rl.rewards import RewardError, RewardFn, RewardModel, compute_rewards, load_reward_function
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MAX_SKIP_MESSAGES = 10
@@ -167,61 +167,6 @@ def score_records(
             yield {**row, score_column: score}
 
 
-class ModelReward:
-    """A sequence classifier (one output) as a reward function: score(prompt + completion).
-
-    Texts are right-padded and cut from the left to `max_length`; the score is read at the
-    last real token (`llm_rl.reward_training.sequence_scores`), whatever the pad token is.
-    """
-
-    def __init__(self, model, tokenizer, max_length: Optional[int] = None):
-        if model.config.num_labels != 1:
-            raise RewardError(f"a reward model needs one output (num_labels=1), this one has {model.config.num_labels}")
-        if tokenizer.pad_token is None:
-            # pooling reads the attention mask, so any existing token can stand in for padding
-            fill = tokenizer.eos_token or tokenizer.unk_token
-            if fill is None:
-                raise RewardError("the tokenizer has no pad, eos or unk token to pad batches with; set pad_token")
-            tokenizer.pad_token = fill
-        tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
-        self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
-        self.__reward_name__ = getattr(model.config, "_name_or_path", None) or "reward_model"
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str = "cpu", torch_dtype: str = "float32",
-                        trust_remote_code: bool = False, max_length: Optional[int] = None) -> ModelReward:
-        """A saved reward model: full weights, or a LoRA adapter folder (merged on load)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from llm_rl.modeling import DTYPES
-
-        kwargs = {"dtype": DTYPES[torch_dtype], "trust_remote_code": trust_remote_code}
-        if (Path(name_or_path) / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForSequenceClassification
-
-            # the base is a plain LM: give it the reward model's single output before the adapter loads
-            model = AutoPeftModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **kwargs)
-            model = model.merge_and_unload()
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return cls(model.to(device), tokenizer, max_length)
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        from llm_rl.reward_training import sequence_scores
-
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(
-            [p + c for p, c in zip(prompts, completions)],
-            return_tensors="pt",
-            padding=True,
-            truncation=self.max_length is not None,
-            max_length=self.max_length,
-        ).to(device)
-        return sequence_scores(self.model, batch["input_ids"], batch["attention_mask"]).float().tolist()
-
-
 # ====================================================================== summary
 @dataclass
 class ScoreSummary:
@@ -341,8 +286,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ScoreInputError(f"input file not found: {args.input}")
     if args.model is not None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        reward = ModelReward.from_pretrained(args.model, device, args.torch_dtype, args.trust_remote_code,
-                                             args.max_length)
+        reward = RewardModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
+                                             torch_dtype=args.torch_dtype, max_length=args.max_length).to(device)
     else:
         reward = load_reward_function(args.reward)
 

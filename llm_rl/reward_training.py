@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_rl.config import ConfigError, coerce, load_yaml, parse_overrides
-from llm_rl.modeling import DTYPES, position_ids_from_mask, unwrap_transformers_model
+from llm_rl.modeling import DTYPES
+from llm_rl.rewards import sequence_scores
 
 PAD_TOKEN = "<|pad|>"
 CONFIG_FILE = "reward_config.yaml"
@@ -291,39 +292,6 @@ def apply_lora(model, config: RewardTrainingConfig):
         target_modules=config.lora_target_modules,
     )
     return get_peft_model(model, lora)
-
-
-def uses_last_token_head(model) -> bool:
-    """Decoder classifiers (GPT-2, Llama, Qwen, ...) score the last token with a linear `score` head."""
-    return (
-        type(model).__name__.endswith("ForSequenceClassification")
-        and isinstance(getattr(model, "score", None), nn.Module)
-        and not getattr(model.config, "is_encoder_decoder", False)
-    )
-
-
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One score per text: (batch, len) ids and 0/1 mask -> (batch,) float scores.
-
-    For decoder classifiers the score is read at each row's last real token, found from
-    the attention mask (never from pad ids, so a pad equal to EOS is harmless), with
-    position ids counted over real tokens: left and right padding give the same scores.
-    Other models (encoders: a [CLS] pooler) run their own forward; pad them on the right.
-    """
-    inner = unwrap_transformers_model(model)
-    if not uses_last_token_head(inner):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state  # (batch, len, hidden)
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (positions * attention_mask.long()).argmax(dim=1)  # (batch,) rightmost real token
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return inner.score(pooled)[:, 0]
 
 
 class RewardScorer(nn.Module):

@@ -59,32 +59,86 @@ def reward_name(fn: RewardFn) -> str:
     return getattr(fn, "__reward_name__", getattr(fn, "__name__", type(fn).__name__))
 
 
-class RewardModel:
-    """A sequence classifier with one output that scores prompt + completion texts.
+def uses_last_token_head(model) -> bool:
+    """Decoder classifiers (GPT-2, Llama, Qwen, ...) score the last token with a linear `score` head."""
+    return (
+        type(model).__name__.endswith("ForSequenceClassification")
+        and isinstance(getattr(model, "score", None), torch.nn.Module)
+        and not getattr(model.config, "is_encoder_decoder", False)
+    )
 
-    It re-tokenizes the text with its own tokenizer (it may differ from the policy's)
-    and reads the score at the last non-pad token.
+
+def head_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (batch, len, hidden) of a decoder classifier, positions counted over real tokens."""
+    from llm_rl.modeling import position_ids_from_mask
+
+    backbone = getattr(model, model.base_model_prefix)
+    return backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One score per text: (batch, len) ids and 0/1 mask -> (batch,) float scores.
+
+    For decoder classifiers the score is read at each row's last real token, found from
+    the attention mask (never from pad ids, so a pad equal to EOS is harmless): left and
+    right padding give the same scores. Other models (encoders: a [CLS] pooler) run their
+    own forward; pad them on the right.
+    """
+    from llm_rl.modeling import unwrap_transformers_model
+
+    inner = unwrap_transformers_model(model)
+    if not uses_last_token_head(inner):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    hidden = head_states(inner, input_ids, attention_mask)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.long()).argmax(dim=1)  # (batch,) rightmost real token
+    return inner.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])[:, 0]
+
+
+class RewardModel:
+    """A sequence classifier with one output as a reward function: score(prompt + completion).
+
+    It re-tokenizes the text with its own tokenizer (it may differ from the policy's), right-pads,
+    cuts from the left to `max_length` (prompts lose tokens, completions never), and reads the
+    score at the last real token (`sequence_scores`), whatever the pad token is.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 32, max_length: Optional[int] = None):
         if model.config.num_labels != 1:
-            raise RewardError(f"reward model must have num_labels=1, got {model.config.num_labels}")
+            raise RewardError(f"a reward model needs one output (num_labels=1), this one has {model.config.num_labels}")
         if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
+            # pooling reads the attention mask, so any existing token can stand in for padding
+            fill = tokenizer.eos_token or tokenizer.unk_token
+            if fill is None:
+                raise RewardError("the tokenizer has no pad, eos or unk token to pad batches with; set pad_token")
+            tokenizer.pad_token = fill
+        tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_length = batch_size, max_length
-        self.__reward_name__ = getattr(model.config, "_name_or_path", "reward_model")
+        self.__reward_name__ = getattr(model.config, "_name_or_path", None) or "reward_model"
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, trust_remote_code: bool = False, torch_dtype: str = "float32", **kw):
+    def from_pretrained(cls, name_or_path: str, trust_remote_code: bool = False, torch_dtype: str = "float32",
+                        **kwargs) -> RewardModel:
+        """A saved reward model: full weights, or a LoRA adapter folder (merged on load)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=1, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code
-        )
+        load = {"dtype": DTYPES[torch_dtype], "trust_remote_code": trust_remote_code}
+        if (Path(name_or_path) / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForSequenceClassification
+
+            # the base is a plain LM: give it the single output before the adapter loads
+            model = AutoPeftModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **load)
+            model = model.merge_and_unload()
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **load)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, **kw)
+        return cls(model, tokenizer, **kwargs)
 
     def to(self, device) -> RewardModel:
         self.model.to(device)
@@ -92,22 +146,18 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
-        # right padding so the last non-pad token is the text's end; cut prompts, never completions
-        self.tokenizer.padding_side, self.tokenizer.truncation_side = "right", "left"
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            texts = [p + c for p, c in zip(prompts[rows], completions[rows])]
             batch = self.tokenizer(
-                texts,
+                [p + c for p, c in zip(prompts[rows], completions[rows])],
                 return_tensors="pt",
                 padding=True,
                 truncation=self.max_length is not None,
                 max_length=self.max_length,
             ).to(device)
-            logits = self.model(**batch).logits  # (batch, 1), read at the last non-pad token
-            scores.extend(logits[:, 0].float().tolist())
+            scores.extend(sequence_scores(self.model, batch["input_ids"], batch["attention_mask"]).float().tolist())
         return scores
 
 
@@ -130,19 +180,13 @@ def prefix_scores(
     Returns (prompt_score (batch,) = Q_{-1}, prefix_scores (batch, resp_len) with
     Q_t = score(prompt + response[:t+1])).
     """
-    from llm_rl.modeling import position_ids_from_mask
-
     model = reward_model.model
-    head = getattr(model, "score", None)
-    if head is None:
+    if not uses_last_token_head(model):
         raise RewardError(
             f"prefix scores need a decoder reward model with a `score` head; {type(model).__name__} has none"
         )
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).last_hidden_state
-    scores = head(hidden[:, response_start - 1 :]).squeeze(-1).float()  # (batch, 1 + resp_len)
+    hidden = head_states(model, input_ids, attention_mask)
+    scores = model.score(hidden[:, response_start - 1 :]).squeeze(-1).float()  # (batch, 1 + resp_len)
     return scores[:, 0], scores[:, 1:]
 
 

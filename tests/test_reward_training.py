@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -59,7 +58,7 @@ def test_pairwise_loss_gradient_and_stability():
     chosen = torch.tensor([0.0, 1000.0, -1000.0], requires_grad=True)
     rejected = torch.zeros(3, requires_grad=True)
     loss, stats = pairwise_loss(chosen, rejected)
-    assert torch.isfinite(loss) and float(loss) == pytest.approx((math.log(2) + 0 + 1000) / 3)
+    assert torch.isfinite(loss) and float(loss.detach()) == pytest.approx((math.log(2) + 0 + 1000) / 3)
     loss.backward()
     # d/dr_c of -log sigmoid(r_c - r_r) = -(1 - sigmoid(gap)) / batch: -0.5/3 at a tie, 0 and -1/3 at the extremes
     assert chosen.grad.tolist() == pytest.approx([-0.5 / 3, 0.0, -1 / 3])
@@ -206,16 +205,25 @@ def test_missing_columns_are_listed(tiny_tokenizer):
 
 
 # ---------------------------------------------------------------- built-in addition pairs
-def test_carry_places_and_each_kind_of_mistake():
+def test_each_kind_of_mistake():
     import random
 
-    assert addition_preferences.carry_places(58, 67) == [1, 2] and addition_preferences.carry_places(12, 34) == []
     rng = random.Random(0)
-    assert addition_preferences.wrong_answer(arithmetic.Problem(58, 67), "carry_error", rng) in ("115", "25")
-    assert addition_preferences.wrong_answer(arithmetic.Problem(12, 34), "carry_error", rng) in ("56", "146")
-    assert addition_preferences.wrong_answer(arithmetic.Problem(12, 34), "off_by_one", rng) in ("45", "47")
+    for _ in range(20):
+        assert addition_preferences.wrong_answer(arithmetic.Problem(58, 67), "carry_error", rng) in (
+            "115", "25", "135", "225", "1125")
+        assert addition_preferences.wrong_answer(arithmetic.Problem(12, 34), "off_by_one", rng) in ("45", "47")
+        assert 0 <= int(addition_preferences.wrong_answer(arithmetic.Problem(12, 34), "random", rng)) <= 93
     assert addition_preferences.wrong_answer(arithmetic.Problem(12, 34), "digit_swap", rng) == "64"
     assert addition_preferences.wrong_answer(arithmetic.Problem(1, 10), "digit_swap", rng) is None  # 11
+
+
+def test_wrong_answers_are_not_simply_smaller_or_larger():
+    # otherwise "prefer the larger number" would pass for addition, and PPO would inflate answers
+    pairs = addition_preferences.load_splits()["train"]
+    for kind in addition_preferences.MISTAKES:
+        rows = [(c, r) for c, r, k in zip(pairs["chosen"], pairs["rejected"], pairs["mistake"]) if k == kind]
+        assert 0.45 < sum(int(r) > int(c) for c, r in rows) / len(rows) < 0.55
 
 
 def test_addition_pairs_are_correct_and_split_like_the_demo():
@@ -227,7 +235,7 @@ def test_addition_pairs_are_correct_and_split_like_the_demo():
         a, b = map(int, row["prompt"][:-1].split("+"))
         assert row["chosen"] == str(a + b) and row["rejected"] != row["chosen"] and row["rejected"].isdigit()
     mistakes = splits["test"]["mistake"]
-    assert all(mistakes.count(kind) > 100 for kind in addition_preferences.MISTAKES)
+    assert all(mistakes.count(kind) > 80 for kind in addition_preferences.MISTAKES)
 
 
 # ---------------------------------------------------------------- training, saving, loading
@@ -252,7 +260,6 @@ def rm_yaml(tmp_path, tiny_model_dir) -> Path:
 def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
-    from llm_rl.reward_scoring import ModelReward
     from llm_rl.rewards import RewardModel
 
     assert main(["--config", str(rm_yaml)]) == 0
@@ -267,7 +274,7 @@ def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys):
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id == 0
     prompts, completions = ["1+2=", "35+47=", "9+9="], ["3", "82", "81"]
-    ours = ModelReward.from_pretrained(str(out))(prompts, completions)
+    ours = RewardModel.from_pretrained(str(out))(prompts, completions)
     ppo_path = RewardModel.from_pretrained(str(out))(prompts, completions)  # what reward_model_name_or_path runs
     assert ours == pytest.approx(ppo_path, abs=1e-5)
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -277,7 +284,7 @@ def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys):
 def test_lora_adapter_or_merged_model(rm_yaml, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from llm_rl.reward_scoring import ModelReward
+    from llm_rl.rewards import RewardModel
 
     base = ["--max_steps", "2", "--use_peft", "--lora_r", "4", "--learning_rate", "1e-2", "--eval_fraction", "0"]
     train_reward_model(RewardTrainingConfig.from_yaml(rm_yaml, base + ["--output_dir", str(tmp_path / "adapter")]))
@@ -288,8 +295,8 @@ def test_lora_adapter_or_merged_model(rm_yaml, tmp_path):
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     prompts, completions = ["1+2=", "35+47="], ["3", "81"]
-    from_adapter = ModelReward.from_pretrained(str(tmp_path / "adapter"))(prompts, completions)
-    from_merged = ModelReward.from_pretrained(str(tmp_path / "merged"))(prompts, completions)
+    from_adapter = RewardModel.from_pretrained(str(tmp_path / "adapter"))(prompts, completions)
+    from_merged = RewardModel.from_pretrained(str(tmp_path / "merged"))(prompts, completions)
     assert from_adapter == pytest.approx(from_merged, abs=1e-4)  # same seed, same data: the same training
 
 
@@ -319,10 +326,20 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(rm_yaml, tmp_path, 
 
 
 # ---------------------------------------------------------------- it learns
-def test_reward_model_beats_chance_on_held_out_addition_pairs(tmp_path):
-    """A 2-layer GPT-2 trained briefly on the built-in pairs ranks held-out pairs well above chance (0.5).
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is faster, and much faster on a busy machine (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    Held-out problems are never trained on. Chance would give 0.5 +- 0.022 on these 500 pairs.
+
+def test_reward_model_beats_chance_on_held_out_addition_pairs(tmp_path, one_thread):
+    """A 2-layer GPT-2 trained briefly (200 steps) on the built-in pairs ranks held-out pairs above chance.
+
+    Held-out problems are never trained on. Chance gives 0.5 +- 0.022 on these 500 pairs, so 0.62 is
+    over five standard deviations above it.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -336,11 +353,12 @@ def test_reward_model_beats_chance_on_held_out_addition_pairs(tmp_path):
     tokenizer.save_pretrained(tmp_path / "base")
     config = RewardTrainingConfig(
         model_name_or_path=str(tmp_path / "base"), dataset_name="llm_rl.tasks.addition_preferences:load_splits",
-        eval_split="test", batch_size=64, learning_rate=2e-3, warmup_steps=20, max_steps=int(os.environ.get("RM_TEST_STEPS", 250)),
-        eval_steps=0, logging_steps=50, max_length=16, seed=int(os.environ.get("RM_TEST_SEED", 0)), progress_bar=False,
-        output_dir=str(tmp_path / "rm"),
+        eval_split="test", batch_size=64, learning_rate=2e-3, warmup_steps=20, max_steps=200, eval_steps=0,
+        logging_steps=50, max_length=16, seed=0, progress_bar=False, output_dir=str(tmp_path / "rm"),
     )
     metrics = train_reward_model(config)
-    print(metrics)
     assert metrics["eval/pairs"] == 500
-    assert metrics["eval/accuracy"] > 0.65
+    # measured 0.69 (1 or 2 threads); carry errors and digit swaps are learnt first, off-by-one
+    # answers need the units digit computed and stay near chance this early
+    assert metrics["eval/accuracy"] > 0.62
+    assert metrics["eval/margin"] > 0.5 and metrics["train/loss"] < 0.6

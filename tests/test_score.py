@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from llm_rl.reward_scoring import (
-    ModelReward,
     Record,
     ScoreInputError,
     ScoreSummary,
@@ -22,7 +21,7 @@ from llm_rl.reward_scoring import (
     read_jsonl,
     score_records,
 )
-from llm_rl.rewards import RewardError
+from llm_rl.rewards import RewardError, RewardModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,6 +163,22 @@ def test_file_is_read_line_by_line(tmp_path):
         list(records)
 
 
+def test_dataset_input_saved_folder_and_data_file(tmp_path, length_spec, capsys):
+    import datasets
+
+    rows = [{"prompt": "p", "completion": "abc", "id": 0}, {"prompt": "p", "completion": None, "id": 1},
+            {"prompt": "p", "completion": "a", "id": 2}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    write_lines(tmp_path / "rows.jsonl", [json.dumps(r) for r in rows])
+    for source in (tmp_path / "saved", tmp_path / "rows.jsonl"):
+        out = tmp_path / "out.jsonl"
+        code, _, stderr = run_main(["--reward", length_spec, "--dataset", str(source), "--output", str(out),
+                                    "--skip_bad_lines"], capsys)
+        assert code == 0, stderr
+        assert [(r["id"], r["score"]) for r in map(json.loads, out.read_text().splitlines())] == [(0, 3.0), (2, 1.0)]
+        assert f"dataset '{source}' row 1: 'completion' must be a string, got NoneType" in stderr
+
+
 # ---------------------------------------------------------------- summary
 def test_summary_statistics_by_hand():
     summary = ScoreSummary()
@@ -196,7 +211,7 @@ def test_model_reward_matches_unpadded_scores(tiny_model_dir):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    reward = ModelReward(model, tokenizer)
+    reward = RewardModel(model, tokenizer)
     prompts, completions = ["12+34=", "1+2=", "99+99="], ["46", "3<eos>", "198"]
     batched = reward(prompts, completions)
     alone = [reward([p], [c])[0] for p, c in zip(prompts, completions)]

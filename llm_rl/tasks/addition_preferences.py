@@ -1,6 +1,7 @@
 """Built-in preference pairs on the addition task: chosen = the sum, rejected = a plausible mistake.
 
     "35+47=" chosen "82"  rejected "81"/"83" (off by one) | "72"/"92"/"182" (carry error) | "28" (digit swap)
+                          | "57" (random: any other number from 0 to 165)
 
 The problems come from `llm_rl.tasks.arithmetic.make_splits`, with the same defaults as
 `llm-rl demo` (2 digits, 500 held-out problems, seed 0): training pairs use only the
@@ -16,14 +17,14 @@ from collections.abc import Sequence
 
 from llm_rl.tasks import arithmetic
 
-MISTAKES = ("off_by_one", "carry_error", "digit_swap")
+MISTAKES = ("off_by_one", "carry_error", "digit_swap", "random")
 
 
 def wrong_answer(problem: arithmetic.Problem, kind: str, rng: random.Random) -> str | None:
     """An incorrect answer of the given kind, or None when that kind cannot differ from the sum here.
 
     off_by_one: sum +- 1.  carry_error: sum +- 10^k (k >= 1), a carry dropped or one invented.
-    digit_swap: two adjacent digits of the sum exchanged.
+    digit_swap: two adjacent digits of the sum exchanged.  random: any other number from 0 to 2 * sum + 1.
     The sign of off_by_one and carry_error is a coin flip: were wrong answers mostly smaller (only
     dropped carries), "the larger answer is right" would rank most pairs correctly, a reward model
     would learn that instead of addition, and PPO would then push answers upwards.
@@ -44,6 +45,8 @@ def wrong_answer(problem: arithmetic.Problem, kind: str, rng: random.Random) -> 
         i = rng.choice(places)
         digits[i], digits[i + 1] = digits[i + 1], digits[i]
         return str(int("".join(digits)))  # a leading zero is dropped, as a sloppy adder would write it
+    if kind == "random":  # a guess, as likely above the sum as below: the mistakes no kind above describes
+        return str(rng.randrange(0, 2 * total + 2))
     raise ValueError(f"unknown mistake {kind!r}; choose from {MISTAKES}")
 
 
