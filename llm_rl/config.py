@@ -353,11 +353,16 @@ for _section, _cls in SECTIONS.items():
         FIELD_HELP[_f.name] = _f.metadata.get("help", "")
 
 
-def unknown_key_message(key: str, source: str, section: Optional[str]) -> str:
-    candidates = [k for k, s in FIELD_OWNER.items() if section is None or s == section]
+def unknown_key_message(
+    key: str, source: str, section: Optional[str] = None, candidates: Optional[list[str]] = None,
+    help_command: str = "llm-rl ppo --help",
+) -> str:
+    """'unknown key' naming the closest valid keys (of a section, or of `candidates`)."""
+    if candidates is None:
+        candidates = [k for k, s in FIELD_OWNER.items() if section is None or s == section]
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     where = f" in section '{section}'" if section else ""
-    hint = f" Did you mean: {', '.join(close)}?" if close else " Run `llm-rl ppo --help` for the list of keys."
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Run `{help_command}` for the list of keys."
     return f"{source}: unknown key '{key}'{where}.{hint}"
 
 

@@ -15,7 +15,6 @@ PPO config.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import sys
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_rl.config import ConfigError, coerce, load_yaml, parse_overrides
+from llm_rl.config import ConfigError, coerce, load_yaml, parse_overrides, unknown_key_message
+from llm_rl.metrics import reduce_scalars
 from llm_rl.modeling import DTYPES
 from llm_rl.rewards import sequence_scores
 
@@ -181,7 +181,9 @@ class RewardTrainingConfig:
         hints = typing.get_type_hints(type(self))
         for key, value in (values or {}).items():
             if key not in hints:
-                raise ConfigError(unknown_field_message(key, list(hints), source))
+                raise ConfigError(
+                    unknown_key_message(key, source, candidates=list(hints), help_command="llm-rl reward train --help")
+                )
             setattr(self, key, coerce(value, hints[key], key, source))
 
     def to_dict(self) -> dict:
@@ -228,12 +230,6 @@ class RewardTrainingConfig:
 
 
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-
-
-def unknown_field_message(key: str, fields: list[str], source: str) -> str:
-    close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else " Run `llm-rl reward train --help` for the list of keys."
-    return f"{source}: unknown key '{key}'.{hint}"
 
 
 def format_help() -> str:
@@ -556,10 +552,7 @@ def evaluate_pairs(scorer, loader, accelerator, config: RewardTrainingConfig) ->
 
 
 def global_mean(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    keys = sorted(values)
-    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()) for k in keys])
-    stacked = accelerator.reduce(stacked.to(accelerator.device), "mean")
-    return dict(zip(keys, stacked.tolist()))
+    return reduce_scalars(accelerator, values, "mean")
 
 
 def log_metrics(accelerator, metrics: dict, metrics_file: Path, bar, trackers: bool) -> None:

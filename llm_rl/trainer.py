@@ -41,6 +41,7 @@ from llm_rl.data import PromptData, PromptSampler
 from llm_rl.hub import push_folder, read_last_metrics, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from llm_rl.losses import policy_loss, value_loss
+from llm_rl.metrics import reduce_scalars
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
 from llm_rl.ops import entropy_from_logits, masked_mean, masked_whiten
 from llm_rl.plotting import plot_training_curves
@@ -561,18 +562,10 @@ class PPOTrainer:
         return out
 
     def global_sum(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Sum over processes of per-process scalars (one collective for all of them)."""
-        if not values:
-            return {}
-        keys = sorted(values)
-        stacked = torch.stack([torch.as_tensor(values[k]).float().reshape(()) for k in keys]).to(
-            self.accelerator.device
-        )
-        return dict(zip(keys, self.accelerator.reduce(stacked, "sum").tolist()))
+        return reduce_scalars(self.accelerator, values, "sum")
 
     def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean over processes of per-process scalars."""
-        return {k: v / self.accelerator.num_processes for k, v in self.global_sum(values).items()}
+        return reduce_scalars(self.accelerator, values, "mean")
 
     def log(self, metrics: dict, bar) -> None:
         acc = self.accelerator

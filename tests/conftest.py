@@ -6,12 +6,20 @@ path a Hub id takes, and get a fresh copy each time so they may mutate what they
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# The tests run tiny models, several processes at a time (subprocess and 2-rank runs): one thread
+# each is fastest and avoids oversubscribing small CI machines. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from llm_rl.tasks.arithmetic import build_model, build_tokenizer
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llm_rl.tasks.arithmetic import build_model, build_tokenizer  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
