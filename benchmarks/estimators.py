@@ -32,34 +32,37 @@ OVERRIDES = {
 }
 
 
-def train_addition_reward_model(output_dir: Path, tokenizer_dir: Path, seed: int) -> Path:
-    """A 2-layer GPT-2 classifier on the task tokenizer, trained on addition preference pairs."""
-    from llm_rl.reward_training import RewardTrainingConfig, train_reward_model
-    from llm_rl.tasks import arithmetic
+def train_addition_reward_model(output_dir: Path, tokenizer_dir: Path, train, heldout, seed: int) -> Path:
+    """A 2-layer GPT-2 classifier on the task tokenizer, trained on preference pairs (correct vs wrong
+    sums) built from this seed's training problems only, evaluated on pairs of its held-out problems."""
+    import datasets
 
-    base = output_dir / "rm_base"
-    if not (output_dir / "reward_model" / "config.json").is_file():
+    from llm_rl.reward_training import RewardTrainingConfig, train_reward_model
+    from llm_rl.tasks import addition_preferences, arithmetic
+
+    rm_dir = output_dir / "reward_model"
+    if not (rm_dir / "config.json").is_file():
         import torch
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         torch.manual_seed(seed)
+        base = output_dir / "rm_base"
         arithmetic.build_model(tokenizer, n_layer=2, n_embd=128, n_head=4).save_pretrained(base)
         tokenizer.save_pretrained(base)
+        files = {}
+        for name, problems in (("train", train), ("test", heldout)):
+            files[name] = output_dir / f"pairs_{name}.jsonl"
+            pairs = addition_preferences.make_pairs(problems, 1, seed=seed + (name == "test"))
+            datasets.Dataset.from_list(pairs).to_json(str(files[name]))
         config = RewardTrainingConfig(
-            model_name_or_path=str(base),
-            dataset_name="llm_rl.tasks.addition_preferences:load_splits",
-            output_dir=str(output_dir / "reward_model"),
-            learning_rate=1e-3,
-            batch_size=64,
-            max_steps=400,
-            eval_steps=200,
-            seed=seed,
+            model_name_or_path=str(base), dataset_name=str(files["train"]), eval_split=str(files["test"]),
+            output_dir=str(rm_dir), learning_rate=1e-3, batch_size=64, max_steps=400, eval_steps=400, seed=seed,
             overwrite_output_dir=True,
         )
         metrics = train_reward_model(config)
-        print(f"[estimators] reward model: held-out pairwise accuracy {metrics.get('eval/accuracy', float('nan')):.3f}")
-    return output_dir / "reward_model"
+        print(f"[estimators] reward model: held-out pairwise accuracy {metrics['eval/accuracy']:.3f}", flush=True)
+    return rm_dir
 
 
 def run_one(estimator: str, seed: int, warm_dir: Path, data_file: Path, heldout, out_dir: Path,
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
         print(f"[estimators] seed {seed} warm start: accuracy {before['accuracy']:.3f} reward {before['reward']:.3f}")
         reward_model = Path(args.reward_model) if args.reward_model else None
         if "prefix_diff" in args.estimators and reward_model is None:
-            reward_model = train_addition_reward_model(seed_dir, warm_dir, seed)
+            reward_model = train_addition_reward_model(seed_dir, warm_dir, train, heldout, seed)
         for estimator in args.estimators:
             row = run_one(estimator, seed, warm_dir, data_file, heldout, seed_dir / estimator,
                           args.budget_seconds, reward_model)
