@@ -3,8 +3,10 @@
     llm-rl demo [--seed 0] [--output_dir outputs/demo] [--max_updates N] [--warm_start_steps N] [--warm_start_accuracy A]
                 [--overwrite] [--prepare_only] [--any_config_key value ...]
     llm-rl ppo --config recipes/configs/X.yaml [--any_config_key value ...]
+    llm-rl reward train --config reward_models/configs/X.yaml [--any_config_key value ...]
+    llm-rl reward score (--model PATH_OR_ID | --reward module:function) --input FILE.jsonl --output OUT.jsonl
 
-Both run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`).
+They run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`).
 """
 
 from __future__ import annotations
