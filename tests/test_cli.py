@@ -15,10 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-
-from llm_rl.tasks import arithmetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,18 +46,13 @@ def explain(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def ppo_yaml(tmp_path) -> Path:
-    """A tiny saved model, a jsonl of prompts, a reward module and the YAML naming them."""
-    torch.manual_seed(0)
-    tokenizer = arithmetic.build_tokenizer()
-    lm = arithmetic.build_model(tokenizer, n_layer=2, n_embd=32, n_head=2)
-    lm.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+def ppo_yaml(tmp_path, tiny_model_dir) -> Path:
+    """The tiny saved model, a jsonl of prompts, a reward module and the YAML naming them."""
     (tmp_path / "seven_reward.py").write_text(REWARD_SOURCE)
     prompts = [f"{a}+{b}=" for a in (1, 23, 456, 7) for b in (8, 90, 5)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     config = {
-        "model": {"model_name_or_path": str(tmp_path / "model")},
+        "model": {"model_name_or_path": str(tiny_model_dir)},
         "data": {"dataset_name": str(tmp_path / "prompts.jsonl")},
         "sampling": {"max_new_tokens": 4},
         "reward": {"reward_funcs": [f"{tmp_path / 'seven_reward.py'}:sevens"]},

@@ -20,10 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-
-from llm_rl.tasks import arithmetic
 
 REPO = Path(__file__).resolve().parents[1]
 UPDATES = 2
@@ -115,18 +112,13 @@ def explain(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("ddp")
-    torch.manual_seed(0)
-    tokenizer = arithmetic.build_tokenizer()
-    lm = arithmetic.build_model(tokenizer, n_layer=2, n_embd=32, n_head=2)
-    lm.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     (root / "rank_reward.py").write_text(REWARD_SOURCE)
     prompts = [f"{a}+{b}=" for a in (3, 45, 678, 9) for b in (1, 23, 456, 7)]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     config = {
-        "model_name_or_path": str(root / "model"),
+        "model_name_or_path": str(tiny_model_dir),
         "dataset_name": str(root / "prompts.jsonl"),
         "reward_funcs": [f"{root / 'rank_reward.py'}:rank_score"],
         "batch_size": 4,

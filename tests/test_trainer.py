@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import llm_rl.trainer as trainer_module
 from llm_rl.config import Config, ConfigError
 from llm_rl.pipeline import load_policy, load_tokenizer, run_ppo
-from llm_rl.tasks import arithmetic
 
 REWARD_SOURCE = '''
 def sevens(prompts, completions, **columns):
@@ -45,14 +44,9 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("ppo_assets")
-    torch.manual_seed(0)
-    tokenizer = arithmetic.build_tokenizer()
-    lm = arithmetic.build_model(tokenizer, n_layer=2, n_embd=32, n_head=2)
-    model_dir = root / "tiny_gpt2"
-    lm.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     reward_file = root / "seven_reward.py"
     reward_file.write_text(REWARD_SOURCE)
     prompts = root / "prompts.jsonl"
