@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A config value a user has to fix; the message says which key and how."""
 
 
+# shared with the reward-model config (llm_rl.reward_training), which loads models the same way
+TRUST_REMOTE_CODE_HELP = "Run model code from the Hub. Off unless you trust the repository."
+TORCH_DTYPE_HELP = "Weights dtype: float32, bfloat16, float16 or auto. Mixed precision comes from accelerate."
+
+
 @dataclass
 class ModelConfig:
     model_name_or_path: Optional[str] = field(
@@ -38,13 +43,8 @@ class ModelConfig:
         default=None,
         metadata={"help": "Folder holding value_head.safetensors to start the value head from (e.g. a previous run)."},
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code from the Hub. Off unless you trust the repository."}
-    )
-    torch_dtype: str = field(
-        default="float32",
-        metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto. Mixed precision comes from accelerate."},
-    )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
+    torch_dtype: str = field(default="float32", metadata={"help": TORCH_DTYPE_HELP})
     value_head_init_std: float = field(
         default=0.0, metadata={"help": "Std of the value head's initial weights (0 = zeros: V starts at 0)."}
     )
@@ -245,13 +245,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> Config:
-        config = cls()
-        if path is not None:
-            config.update(load_yaml(path), source=str(path))
-        if overrides:
-            config.update(parse_overrides(overrides), source="command line")
-        config.validate()
-        return config
+        return fill_from_yaml(cls(), path, overrides)
 
     def update(self, values: dict, source: str = "config") -> None:
         """Set fields from a flat or section-grouped dict; unknown keys raise ConfigError."""
@@ -411,6 +405,16 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
         return value
     name = getattr(field_type, "__name__", str(field_type))
     raise ConfigError(f"{source}: '{key}' expects {name}{' or null' if optional else ''}, got {value!r}")
+
+
+def fill_from_yaml(config, path: Optional[str | Path], overrides: Optional[list[str]] = None):
+    """Update `config` (any config with update/validate) from a YAML file, then `--key value` overrides; validate."""
+    if path is not None:
+        config.update(load_yaml(path), source=str(path))
+    if overrides:
+        config.update(parse_overrides(overrides), source="command line")
+    config.validate()
+    return config
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -7,7 +7,6 @@ reader of the Hub page needs: base model, data, reward, hyper-parameters, final 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -96,8 +95,3 @@ def push_folder(directory: Path, repo_id: str, private: bool = False, commit_mes
         ignore_patterns=["checkpoint-*", ".tmp-*", "*.tmp", "runs/*"],
     )
     return str(getattr(info, "commit_url", info))
-
-
-def read_last_metrics(metrics_file: Path) -> dict:
-    lines = [line for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}

@@ -1,8 +1,18 @@
-"""Scalars reduced over processes: every rank calls, every rank gets the same numbers."""
+"""Metrics: scalars reduced over processes (every rank calls, every rank gets the same numbers),
+and the `metrics.jsonl` a run writes, one JSON object per update."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every row of a metrics.jsonl file, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def reduce_scalars(accelerator, values: dict[str, torch.Tensor], reduction: str = "sum") -> dict[str, float]:

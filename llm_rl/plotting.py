@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from llm_rl.metrics import read_metrics
 
 PANELS = [
     ("score/mean", "mean score"),
@@ -12,11 +13,6 @@ PANELS = [
     ("loss/value", "value loss"),
     ("eval/accuracy", "held-out accuracy"),
 ]
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_training_curves(metrics_file: str | Path, png_file: str | Path) -> Path:

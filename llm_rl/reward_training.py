@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_rl.config import ConfigError, coerce, load_yaml, parse_overrides, unknown_key_message
+from llm_rl.config import (
+    TORCH_DTYPE_HELP,
+    TRUST_REMOTE_CODE_HELP,
+    ConfigError,
+    coerce,
+    fill_from_yaml,
+    unknown_key_message,
+)
 from llm_rl.metrics import reduce_scalars
 from llm_rl.modeling import DTYPES
 from llm_rl.rewards import sequence_scores
@@ -80,13 +87,8 @@ class RewardTrainingConfig:
         default=None,
         metadata={"help": "Base model: a Hub id or local folder of a causal LM or encoder (a score head is added)."},
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code from the Hub. Off unless you trust the repository."}
-    )
-    torch_dtype: str = field(
-        default="float32",
-        metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto. Mixed precision comes from accelerate."},
-    )
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
+    torch_dtype: str = field(default="float32", metadata={"help": TORCH_DTYPE_HELP})
     # ---- data
     dataset_name: Optional[str] = field(
         default=None,
@@ -169,13 +171,7 @@ class RewardTrainingConfig:
     @classmethod
     def from_yaml(cls, path: Optional[str | Path], overrides: Optional[list[str]] = None) -> RewardTrainingConfig:
         """A YAML file (flat keys) then `--key value` overrides, validated."""
-        config = cls()
-        if path is not None:
-            config.update(load_yaml(path), source=str(path))
-        if overrides:
-            config.update(parse_overrides(overrides), source="command line")
-        config.validate()
-        return config
+        return fill_from_yaml(cls(), path, overrides)
 
     def update(self, values: dict, source: str = "config") -> None:
         hints = typing.get_type_hints(type(self))

@@ -38,10 +38,10 @@ from llm_rl.advantages import (
 )
 from llm_rl.config import CRITIC_FREE, Config, ConfigError
 from llm_rl.data import PromptData, PromptSampler
-from llm_rl.hub import push_folder, read_last_metrics, write_model_card
+from llm_rl.hub import push_folder, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from llm_rl.losses import policy_loss, value_loss
-from llm_rl.metrics import reduce_scalars
+from llm_rl.metrics import read_metrics, reduce_scalars
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
 from llm_rl.ops import entropy_from_logits, masked_mean, masked_whiten
 from llm_rl.plotting import plot_training_curves
@@ -107,19 +107,19 @@ class PPOTrainer:
             1, int(cfg_t.num_train_epochs * self.sampler.updates_per_epoch)
         )
         self.stop_token_ids = self._stop_token_ids()
-        self.critic_free = cfg_p.advantage_estimator in CRITIC_FREE
-        if self.critic_free != (policy.v_head is None):
+        critic_free = cfg_p.advantage_estimator in CRITIC_FREE
+        if critic_free != (policy.v_head is None):
             raise ConfigError(
                 f"advantage_estimator {cfg_p.advantage_estimator} "
-                + ("trains no value head: load the policy with value_head=False" if self.critic_free
+                + ("trains no value head: load the policy with value_head=False" if critic_free
                    else "needs the policy's value head")
             )
         self.prefix_reward_model = self._prefix_reward_model() if cfg_p.advantage_estimator == "prefix_diff" else None
 
         # ---- models: dropout off so the rollout and the first training forward agree (ratio 1)
         disable_dropout(policy)
-        self.uses_adapter = hasattr(policy.pretrained_model, "disable_adapter")
-        if ref_model is None and not self.uses_adapter:
+        uses_adapter = hasattr(policy.pretrained_model, "disable_adapter")  # peft: reference = adapter off
+        if ref_model is None and not uses_adapter:
             ref_model = CausalLMWithValueHead(copy.deepcopy(policy.pretrained_model), value_head=False)
         if ref_model is not None:
             disable_dropout(ref_model)
@@ -258,7 +258,8 @@ class PPOTrainer:
         self.save_model(self.output_dir)
         if acc.is_main_process:
             plot_training_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
-            write_model_card(self.output_dir, self.config, read_last_metrics(self.output_dir / "metrics.jsonl"),
+            rows = read_metrics(self.output_dir / "metrics.jsonl")  # all updates, also those before a resume
+            write_model_card(self.output_dir, self.config, rows[-1] if rows else {},
                              repo_id=cfg_t.hub_model_id or "")
             if cfg_t.push_to_hub:
                 url = push_folder(self.output_dir, cfg_t.hub_model_id, private=cfg_t.hub_private_repo)
@@ -613,8 +614,8 @@ class PPOTrainer:
         self.shuffle_generator.set_state(torch.tensor(state["shuffle_generator"], dtype=torch.uint8))
         if acc.is_main_process:
             metrics = self.output_dir / "metrics.jsonl"
-            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["update"] <= self.update]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(metrics) if row["update"] <= self.update]
+            metrics.write_text("".join(json.dumps(row) + "\n" for row in kept))
             print(f"[llm_rl] resumed from {path} at update {self.update}")
         acc.wait_for_everyone()
 
