@@ -1,14 +1,19 @@
-"""The policy: any causal LM plus a value head on its last hidden state.
+"""The policy: any causal LM plus a value head on the hidden state its lm head reads.
 
-One backbone pass gives both the next-token logits and V(x_t). The lm head and
-the value head are applied only to the positions that predict response tokens,
-so prompt positions never pay for a (len, vocab) projection.
+One pass of the model's own forward gives both the next-token logits and V(x_t).
+Logits come out of that forward, so whatever the architecture does after its lm
+head (Gemma 2/3 softcapping, Granite's and Cohere's logit scaling, ...) is in the
+log-probs PPO trains on. The lm head runs only on the positions that predict
+response tokens (`logits_to_keep`), so prompt positions never pay for a
+(len, vocab) projection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -17,9 +22,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from llm_rl.config import UserError
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelLoadError(UserError):
+    """A checkpoint that cannot be loaded as asked; the message names what is missing."""
+
+    label = "model error"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,11 +44,45 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# config fields and module attributes that hold a dropout probability, a layer-drop rate or
+# router noise: "attention_dropout", "resid_pdrop", "layerdrop", "router_jitter_noise", ...
+_STOCHASTIC_NAME = re.compile(r"drop|jitter", re.IGNORECASE)
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout so the rollout's log-probs equal the first training forward's (PPO ratio 1)."""
+    """Make every forward deterministic, whatever the config says, so the rollout's log-probs
+    equal the first training forward's (PPO ratio 1).
+
+    Zeroing `nn.Dropout` modules is not enough: many architectures read a float from the
+    config (Llama/Qwen/Mistral `attention_dropout`, Starcoder2's residual and embedding
+    dropout, OPT's `layerdrop`, Mixtral's router jitter) and apply it whenever the module is
+    in training mode. Those floats are zeroed on the configs and on the modules that copied them.
+    """
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        _zero_stochastic_floats(module)
+        config = getattr(module, "config", None)
+        if config is not None:
+            _zero_config(config)
+
+
+def _zero_stochastic_floats(obj) -> None:
+    for name, value in list(vars(obj).items()):
+        if _STOCHASTIC_NAME.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            setattr(obj, name, 0.0)
+
+
+def _zero_config(config, seen: Optional[set] = None) -> None:
+    """Zero the stochastic floats of a transformers config and of its sub-configs (text_config, ...)."""
+    seen = seen if seen is not None else set()
+    if id(config) in seen or not hasattr(config, "to_dict"):
+        return
+    seen.add(id(config))
+    _zero_stochastic_floats(config)
+    for value in list(vars(config).values()):
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            _zero_config(value, seen)
 
 
 def unwrap_transformers_model(model: nn.Module) -> PreTrainedModel:
@@ -72,22 +119,22 @@ class CausalLMWithValueHead(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        n = input_ids.shape[1] - response_start  # response positions
         lm = unwrap_transformers_model(self.pretrained_model)
-        backbone = getattr(lm, lm.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        # position t predicts token t+1: keep the states that predict the response.
-        hidden = hidden[:, response_start - 1 : -1]  # (batch, n, hidden)
-        logits = lm.get_output_embeddings()(hidden)
-        softcap = getattr(lm.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        kwargs = {"logits_to_keep": n + 1} if accepts_logits_to_keep(lm) else {}
+        with reading_lm_head_input(lm, enabled=self.v_head is not None) as head_input:
+            logits = self.pretrained_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+                **kwargs,
+            ).logits
+        # position t predicts token t+1: keep the positions that predict the response.
+        logits = logits[:, -(n + 1) : -1]  # (batch, n, vocab)
         values = None
         if self.v_head is not None:
+            hidden = head_input[0][:, -(n + 1) : -1]  # (batch, n, hidden): what the lm head read
             values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (batch, n)
         return logits, values
 
@@ -128,14 +175,43 @@ class CausalLMWithValueHead(nn.Module):
         **kwargs,
     ) -> CausalLMWithValueHead:
         """Load a causal LM by Hub id or folder; restore `value_head.safetensors` if it is there."""
-        lm = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code, **kwargs
+        lm, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code, output_loading_info=True,
+            **kwargs,
         )
+        if info["missing_keys"]:  # randomly initialised weights: the policy would not be the checkpoint
+            missing = sorted(info["missing_keys"])
+            raise ModelLoadError(
+                f"{name_or_path} has no weights for {', '.join(missing[:5])}"
+                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+                + ": they would start random. Give a causal LM checkpoint (AutoModelForCausalLM) that holds them."
+            )
         model = cls(lm, value_head_init_std=value_head_init_std, value_head=value_head)
         head_file = find_value_head(value_head_path or name_or_path)
         if value_head and head_file is not None:
             model.v_head.load_state_dict(load_file(head_file))
         return model
+
+
+def accepts_logits_to_keep(lm: nn.Module) -> bool:
+    """Whether the model's forward can skip the lm head on positions we do not need."""
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+@contextlib.contextmanager
+def reading_lm_head_input(lm: nn.Module, enabled: bool = True):
+    """Yield a list that holds, after the forward, the hidden states (batch, kept, hidden) the
+    lm head was applied to: the value head reads exactly the state the logits come from
+    (after the final norm and any architecture-specific scaling before the head)."""
+    captured: list[torch.Tensor] = []
+    if not enabled:
+        yield captured
+        return
+    handle = lm.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def find_value_head(name_or_path: str) -> Optional[str]:

@@ -1,0 +1,179 @@
+"""Architecture conformance: what is sampled is exactly what PPO trains on, for every family users run.
+
+Each architecture is a tiny random model built offline from its config, with dropout 0.1 in every
+config field that has one (Mixtral: router jitter too) and a saved `generation_config.json` holding
+settings real checkpoints ship (repetition penalty, no-repeat n-grams, suppressed and bad words).
+It is saved and loaded back through `from_pretrained`, the path a Hub checkpoint takes. Checked:
+
+- the log-probs PPO trains on (training mode) equal `log_softmax(model(...).logits / T)` of the plain
+  transformers model (eval mode, each row alone, unpadded) at the sampled tokens, to 1e-5;
+- the distribution `generate()` sampled from (its processed scores) equals the one PPO scores;
+- before any step the PPO ratio is 1 to 1e-6, and the value head reads the same hidden state in the
+  rollout and in training;
+- one PPO update runs and the saved policy reloads with plain transformers.
+
+The architectures and their tiny configs are in tests/tiny_architectures.py; adding one is one line there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_architectures import ARCHITECTURES, PROMPTS, save_tiny_checkpoint
+from transformers import AutoModelForCausalLM
+
+from llm_rl.config import Config
+from llm_rl.modeling import CausalLMWithValueHead, disable_dropout
+from llm_rl.pipeline import load_policy, load_prompts, load_tokenizer
+from llm_rl.rollout import (
+    forward_logprobs,
+    generate_responses,
+    generation_settings,
+    sampling_config,
+    truncate_after_stop,
+)
+from llm_rl.tasks.arithmetic import build_tokenizer
+from llm_rl.trainer import PPOTrainer
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def checkpoint(request, tmp_path_factory) -> Path:
+    """A saved tiny checkpoint of one architecture: weights, tokenizer, generation_config.json."""
+    model_type = request.param
+    path = tmp_path_factory.mktemp(model_type)
+    save_tiny_checkpoint(model_type, path)
+    build_tokenizer().save_pretrained(path)
+    (path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return path
+
+
+def prompt_batch(tokenizer, prompts=PROMPTS[:4]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer(prompts, padding=True, return_tensors="pt")  # left padding
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def run_config(path: Path, output_dir: Path, **overrides) -> Config:
+    values = dict(
+        model_name_or_path=str(path), dataset_name=str(path / "prompts.jsonl"), batch_size=4, max_new_tokens=5,
+        num_mini_batches=2, max_updates=1, learning_rate=1e-3, output_dir=str(output_dir), progress_bar=False,
+        seed=0, temperature=0.7,
+    )
+    return Config.from_dict({**values, **overrides})
+
+
+def length_reward(prompts, completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_trained_logprobs_and_sampled_distribution_equal_the_plain_model(checkpoint, temperature):
+    tokenizer = load_tokenizer(str(checkpoint))
+    policy = CausalLMWithValueHead.from_pretrained(str(checkpoint))
+    disable_dropout(policy)  # what the trainer does; the model stays in training mode below
+    lm = policy.pretrained_model
+    prompt_ids, prompt_mask = prompt_batch(tokenizer)
+
+    # sample through the rollout's own generation settings, keeping the processed scores
+    config = sampling_config(max_new_tokens=5, temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=[1],
+                             pad_token_id=0)
+    recorded = copy.deepcopy(config)
+    recorded.output_scores, recorded.return_dict_in_generate = True, True
+    lm.eval()
+    torch.manual_seed(1)
+    with torch.no_grad(), generation_settings(lm, recorded):
+        out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=recorded)
+    torch.manual_seed(1)
+    response_ids, response_mask, _ = generate_responses(
+        lm, prompt_ids, prompt_mask, max_new_tokens=5, temperature=temperature, top_k=0, top_p=1.0,
+        stop_token_ids=[1], pad_token_id=0, chunk_size=4,
+    )
+    sampled = out.sequences[:, prompt_ids.shape[1] :]
+    ids, mask, _ = truncate_after_stop(sampled, [1], 0)
+    assert torch.equal(response_ids, ids[:, : response_ids.shape[1]])  # the rollout samples exactly this way
+
+    policy.train()
+    logprobs, _, logits = forward_logprobs(policy, prompt_ids, prompt_mask, ids, mask, temperature)
+    scored = torch.log_softmax(logits.float() / temperature, dim=-1)  # (batch, resp, vocab) what PPO scores
+    processed = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)  # what generate sampled from
+    valid = mask.bool()
+    torch.testing.assert_close(scored[valid], processed[valid], atol=1e-5, rtol=0)
+
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        for row in range(len(ids)):
+            prompt = prompt_ids[row][prompt_mask[row].bool()]
+            response = ids[row][valid[row]]
+            alone = plain(torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(alone.float() / temperature, -1).gather(-1, response[:, None])[:, 0]
+            torch.testing.assert_close(logprobs[row][valid[row]], expected, atol=1e-5, rtol=0)
+
+
+def test_ratio_is_one_value_head_agrees_and_an_update_reloads(checkpoint, tmp_path):
+    config = run_config(checkpoint, tmp_path / "run")
+    tokenizer = load_tokenizer(str(checkpoint))
+    trainer = PPOTrainer(config, load_policy(config, tokenizer), tokenizer, load_prompts(config, tokenizer),
+                         [length_reward])
+    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]), old_policy=True)
+    assert rollout.response_mask.sum() > 0
+    trainer.model.train()
+    logprobs, values, _ = trainer.forward(rollout)
+    valid = rollout.response_mask.bool()
+    ratio = (logprobs.detach().float() - rollout.logprobs).exp()
+    assert (ratio - 1).abs()[valid].max() <= 1e-6
+    assert (values.detach().float() - rollout.values).abs()[valid].max() <= 1e-6
+
+    history = trainer.train()
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss/total"]))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    trained = trainer.accelerator.unwrap_model(trainer.model).pretrained_model.state_dict()
+    before = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
+    assert any(not torch.equal(trained[k], before[k]) for k in before)  # the update changed the policy
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+def test_checkpoint_generation_config_would_change_sampling(tmp_path):
+    """Control for the checks above: the saved generation_config does change generate()'s scores
+    when the model's own settings are used, so an equality above is a real one."""
+    path = tmp_path / "llama"
+    save_tiny_checkpoint("llama", path)
+    lm = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt_ids, prompt_mask = prompt_batch(build_tokenizer())
+    common = dict(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=3, temperature=1.0, top_k=0,
+                  output_scores=True, return_dict_in_generate=True)
+    torch.manual_seed(1)
+    leaky = lm.generate(**common)
+    torch.manual_seed(1)
+    ours = copy.deepcopy(sampling_config(max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
+                                         stop_token_ids=[1], pad_token_id=0))
+    ours.output_scores, ours.return_dict_in_generate = True, True
+    with generation_settings(lm, ours):
+        clean = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=ours)
+    assert torch.isinf(leaky.scores[0][:, 5]).all()  # suppress_tokens leaked in
+    assert torch.isfinite(clean.scores[0]).all()
+
+
+def test_dropout_in_config_floats_is_off(checkpoint):
+    """Every config float that applies dropout in training mode is zeroed: two training-mode forwards
+    agree. Control: with the configs' 0.1 left in place they differ."""
+    ids, mask = prompt_batch(build_tokenizer())
+    raw = AutoModelForCausalLM.from_pretrained(checkpoint).train()
+    torch.manual_seed(0)
+    first = raw(input_ids=ids, attention_mask=mask).logits
+    second = raw(input_ids=ids, attention_mask=mask).logits
+    assert not torch.equal(first, second), "the config's dropout at 0.1 should make training mode random"
+    disable_dropout(raw)
+    assert torch.equal(raw(input_ids=ids, attention_mask=mask).logits, raw(input_ids=ids, attention_mask=mask).logits)
