@@ -89,25 +89,38 @@ def _grouped(scores: Tensor, group_size: int) -> Tensor:
     return scores.view(-1, group_size)
 
 
-def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def _group_validity(valid: Tensor | None, groups: Tensor) -> Tensor:
+    """(groups, g) float 0/1: which rows take part in their group's statistics (all by default)."""
+    if valid is None:
+        return torch.ones_like(groups)
+    if valid.shape != (groups.numel(),):
+        raise ValueError(f"valid must have shape ({groups.numel()},) like scores, got {tuple(valid.shape)}")
+    return valid.to(groups.dtype).view_as(groups)
+
+
+def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
     """Group-normalised advantages (GRPO outcome supervision).
 
     scores: ``(batch,)`` -> ``(batch,)``,
     ``A_i = (s_i - mean_group) / (std_group + eps)`` with the unbiased sample
     std of the group. A group of one, or a group whose scores are all equal,
     carries no learning signal and yields 0 (never NaN).
+    ``valid`` ``(batch,)`` bool: rows outside it (a dropped sample's score is
+    a placeholder) enter no mean or std and get 0; a group then has fewer
+    members, and one with fewer than two valid rows yields 0.
     Reference: Shao et al. 2024, "DeepSeekMath", Section 4.1.2.
     """
-    groups = _grouped(scores, group_size)
-    if group_size == 1:
-        # The unbiased std of a single sample is undefined (0/0).
-        return torch.zeros_like(groups).view(-1)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, unbiased=True, keepdim=True)
-    return ((groups - mean) / (std + eps)).view(-1)
+    groups = _grouped(scores, group_size)  # (n_groups, g)
+    m = _group_validity(valid, groups)
+    n = m.sum(dim=1, keepdim=True)  # (n_groups, 1) valid members
+    mean = (groups * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    # unbiased std over valid members; a group of one has no spread (0/0 avoided by the clamp)
+    std = (((groups - mean) * m).square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    scored = (m > 0) & (n >= 2)
+    return torch.where(scored, (groups - mean) / (std + eps), torch.zeros_like(groups)).view(-1)
 
 
-def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+def rloo_advantages(scores: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """REINFORCE Leave-One-Out advantages.
 
     scores: ``(batch,)`` -> ``(batch,)``,
@@ -115,14 +128,16 @@ def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
     sample is the mean of the other samples of its prompt, so it is
     independent of the sample itself (unbiased). ``group_size == 1`` has no
     other sample and returns 0.
+    ``valid`` ``(batch,)`` bool: rows outside it are nobody's baseline and get
+    0; ``g`` is then the group's count of valid rows (0 when below two).
     Reference: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE
     Style Optimization for Learning from Human Feedback in LLMs".
     """
-    groups = _grouped(scores, group_size)
-    if group_size == 1:
-        return torch.zeros_like(groups).view(-1)
-    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others_mean).view(-1)
+    groups = _grouped(scores, group_size)  # (n_groups, g)
+    m = _group_validity(valid, groups)
+    n = m.sum(dim=1, keepdim=True)  # (n_groups, 1) valid members
+    others_mean = ((groups * m).sum(dim=1, keepdim=True) - groups * m) / (n - 1).clamp(min=1)
+    return ((groups - others_mean) * m * (n >= 2)).view(-1)
 
 
 def reinforce_pp_advantages(
@@ -142,7 +157,9 @@ def reinforce_pp_advantages(
     return masked_whiten(returns, mask, shift_mean=True, eps=eps)
 
 
-def prefix_diff_advantages(prefix_scores: Tensor, prompt_score: Tensor, mask: Tensor) -> Tensor:
+def prefix_diff_advantages(
+    prefix_scores: Tensor, prompt_score: Tensor, mask: Tensor, rewards: Tensor | None = None
+) -> Tensor:
     """Advantages as score increments of successive response prefixes.
 
     prefix_scores: ``(batch, resp_len)`` with ``Q_t = score(prompt + response[:t+1])``;
@@ -150,9 +167,63 @@ def prefix_diff_advantages(prefix_scores: Tensor, prompt_score: Tensor, mask: Te
     Returns ``(batch, resp_len)``: ``A_t = m_t * (Q_t - Q_{t-1})``, so each
     token is credited with how much it changed the score. The increments of
     the valid prefix telescope to ``Q_last - Q_{-1}``.
+
+    With ``rewards`` ``(batch, resp_len)`` (KL penalty, token rewards and the
+    sequence score on the last token, as every estimator sees them) the prefix
+    scores serve as the critic of a TD(0) advantage,
+    ``A_t = r_t + Q_t - Q_{t-1}`` with no ``Q`` after the last valid token:
+    ``A_last = r_last - Q_{last-1}``. A sequence's credit then sums to
+    ``sum_t r_t - Q_{-1}``: the rewards decide how much, the reward model only
+    how it is spread over the tokens. When ``r`` is the score ``Q_last`` on the
+    last token this equals the form without rewards.
     """
     m = mask.to(prefix_scores.dtype)
     previous = torch.cat(
         [prompt_score.to(prefix_scores.dtype).unsqueeze(1), prefix_scores[:, :-1]], dim=1
     )
-    return (prefix_scores - previous) * m
+    if rewards is None:
+        return (prefix_scores - previous) * m
+    # right-padded mask: 1 at the last valid token only, where the episode ends
+    is_last = m - torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
+    return (rewards + prefix_scores * (1 - is_last) - previous) * m
+
+
+def action_gae(
+    rewards: Tensor,
+    values: Tensor,
+    action_mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    turn_ends: Tensor | None = None,
+    final_values: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """GAE over the action tokens of a sequence that also holds context tokens (multi-turn episodes).
+
+    rewards, values, action_mask: ``(batch, len)``; positions outside ``action_mask`` (observations,
+    padding) are skipped: the step after action ``t`` is the next *action* token, wherever it is.
+    ``turn_ends`` ``(batch, len)`` bool marks the last token of each turn; with it ``gamma`` is applied
+    once per turn boundary and 1 within a turn (turn discount), without it once per action token.
+    ``final_values`` ``(batch,)``: V of the state after the last action, for episodes cut before they
+    were done (0, the default, when they ended). Returns ``(advantages, returns)``, 0 off the actions:
+
+    ``delta_t = r_t + gamma_t * V_next(t) - V_t``, ``A_t = delta_t + gamma_t * lam * A_next(t)``.
+
+    With right-padded single-turn masks, no turn_ends and no final values this is ``compute_gae``.
+    """
+    m = action_mask.bool()
+    dtype = values.dtype
+    step_gamma = torch.full_like(values, gamma)
+    if turn_ends is not None:
+        step_gamma = torch.where(turn_ends.bool(), step_gamma, torch.ones_like(step_gamma))
+    next_value = final_values.to(dtype) if final_values is not None else torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    advs = []
+    for t in reversed(range(values.shape[1])):
+        g = step_gamma[:, t]
+        adv = rewards[:, t] + g * next_value - values[:, t] + g * lam * next_adv
+        next_value = torch.where(m[:, t], values[:, t], next_value)
+        next_adv = torch.where(m[:, t], adv, next_adv)
+        advs.append(torch.where(m[:, t], adv, torch.zeros_like(adv)))
+    advantages = torch.stack(advs[::-1], dim=1)
+    returns = (advantages + values) * m.to(dtype)
+    return advantages, returns

@@ -142,8 +142,12 @@ class PPOConfig:
     )
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant, linear or cosine (after warmup)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup, in optimizer steps."})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "constant, linear or cosine, after warmup_steps (with any of them)."}
+    )
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Linear warmup from 0, in optimizer steps; applies to every lr_scheduler_type."}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Clip the global grad norm (None = off)."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
@@ -160,7 +164,11 @@ class PPOConfig:
         default="token_mean", metadata={"help": "token_mean, or seq_mean_token_mean (mean per sequence first)."}
     )
     kl_coef: float = field(default=0.05, metadata={"help": "Initial beta of the KL penalty to the reference."})
-    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1, k2, k3 or abs."})
+    kl_estimator: Optional[str] = field(
+        default=None,
+        metadata={"help": "KL estimator: k1, k2, k3 or abs; default k1 in the reward, k2 in the loss (its gradient "
+                          "is the KL's). In the loss k3 follows the forward KL(ref || policy); k1 and abs are refused."},
+    )
     kl_placement: str = field(
         default="reward", metadata={"help": "'reward': -beta*KL in token rewards (classic PPO); 'loss': a loss term."}
     )
@@ -175,6 +183,11 @@ class PPOConfig:
     num_generations: int = field(
         default=1, metadata={"help": "Completions sampled per prompt (a group, for grpo/rloo)."}
     )
+
+    @property
+    def kl_estimator_in_use(self) -> str:
+        """`kl_estimator`, or its default for the placement: k1 in the reward, k2 in the loss."""
+        return self.kl_estimator or ("k2" if self.kl_placement == "loss" else "k1")
 
 
 @dataclass
@@ -294,14 +307,24 @@ class Config:
             (p.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
             (p.learning_rate > 0, "learning_rate must be > 0"),
             (p.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type: constant, linear or cosine"),
+            (p.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (p.clip_range > 0, "clip_range must be > 0"),
             (p.dual_clip is None or p.dual_clip > 1, "dual_clip must be > 1 (or null to disable)"),
             (p.clip_range_value is None or p.clip_range_value > 0, "clip_range_value must be > 0 or null"),
             (0 <= p.gamma <= 1, "gamma must be in [0, 1]"),
             (0 <= p.lam <= 1, "lam must be in [0, 1]"),
             (p.kl_coef >= 0, "kl_coef must be >= 0"),
-            (p.kl_estimator in ("k1", "k2", "k3", "abs"), "kl_estimator: k1, k2, k3 or abs"),
+            (p.kl_estimator_in_use in ("k1", "k2", "k3", "abs"), "kl_estimator: k1, k2, k3 or abs"),
             (p.kl_placement in ("reward", "loss"), "kl_placement: reward or loss"),
+            (p.kl_placement != "loss" or p.kl_estimator_in_use in ("k2", "k3"),
+             f"kl_placement: loss with kl_estimator {p.kl_estimator}: its expected gradient is "
+             + ("0, so nothing pulls the policy back to the reference" if p.kl_estimator == "k1" else "no KL's")
+             + "; use kl_estimator: k2 (the default in the loss, whose gradient is the gradient of KL(policy || ref)) "
+             "or k3 (the gradient of the forward KL(ref || policy), as in GRPO)"),
+            (p.advantage_estimator != "prefix_diff" or not r.whiten_rewards,
+             "advantage_estimator prefix_diff subtracts the reward model's prefix scores from the rewards, which "
+             "whiten_rewards would rescale and the prefix scores not: set whiten_rewards: false (whiten_advantages "
+             "normalises the advantages)"),
             (p.loss_agg in ("token_mean", "seq_mean_token_mean"), "loss_agg: token_mean or seq_mean_token_mean"),
             (s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (s.temperature > 0, "temperature must be > 0 (log-probs are taken at the sampling temperature)"),

@@ -8,9 +8,14 @@ import torch
 Tensor = torch.Tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+# estimators whose expected gradient, as a loss term, is the gradient of a KL: k2 of KL(pi || pi_ref),
+# k3 of KL(pi_ref || pi) (see `kl_penalty`); k1's is 0 and abs's is no KL's
+KL_LOSS_ESTIMATORS = ("k2", "k3")
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+def kl_penalty(
+    logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1", mask: Tensor | None = None
+) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from sampled tokens.
 
     logprobs, ref_logprobs: ``(batch, resp_len)`` log-probs of the sampled
@@ -21,10 +26,24 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     - ``"k3"``: ``exp(-r) - 1 + r`` (unbiased and always >= 0)
     - ``"abs"``: ``|r|``
 
-    Reference: J. Schulman, "Approximating KL Divergence" (2020),
-    http://joschu.net/blog/kl-approx.html
+    ``mask`` ``(batch, resp_len)``: positions outside it are 0. ``r`` is zeroed
+    there *before* any ``exp``, so the arbitrary log-probs of padding can never
+    overflow (``inf * 0`` would be NaN in the forward and the backward).
+
+    As a loss term (differentiated w.r.t. the policy, samples from the policy):
+    ``E[grad k2] = E[r * grad log pi] = grad KL(pi || pi_ref)`` exactly;
+    ``E[grad k1] = E[grad log pi] = 0`` (no pull to the reference at all);
+    ``E[grad k3] = -sum_a pi_ref(a) grad log pi(a) = grad KL(pi_ref || pi)``,
+    the gradient of the *forward* KL (GRPO's choice), not of the KL above;
+    ``abs`` is the gradient of no KL. See `KL_LOSS_ESTIMATORS`.
+
+    References: J. Schulman, "Approximating KL Divergence" (2020),
+    http://joschu.net/blog/kl-approx.html; Tang & Munos 2025, "On a few
+    pitfalls in KL divergence gradient estimation for RL".
     """
     r = logprobs - ref_logprobs
+    if mask is not None:
+        r = torch.where(mask.bool(), r, torch.zeros_like(r))
     if estimator == "k1":
         return r
     if estimator == "k2":

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from llm_rl.ops import masked_mean
+from llm_rl.ops import masked_mean, masked_sum
 
 Tensor = torch.Tensor
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 
 
-def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+def aggregate_loss(
+    per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean", normalizer: Tensor | float | None = None
+) -> Tensor:
     """Reduce a ``(batch, resp_len)`` per-token loss to a scalar.
 
     - ``"token_mean"``: ``sum(l * m) / sum(m)``, every valid token in the batch
@@ -25,18 +27,37 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_
       mean over sequences that have at least one valid token, so every
       response weighs the same regardless of length.
 
-    Empty input (no valid token anywhere) gives 0.
+    ``normalizer``: divide by this count instead of the batch's own (tokens for
+    ``token_mean``, sequences with a valid token for ``seq_mean_token_mean``;
+    see `loss_normalizer`). Given the count of a whole mini-batch (all
+    micro-batches, all processes), each micro-batch's loss is its share of the
+    mini-batch mean, and the shares sum to that mean however the mini-batch is
+    split. A count below 1 is taken as 1. Empty input gives 0.
     """
     if loss_agg == "token_mean":
-        return masked_mean(per_token_loss, mask)
+        if normalizer is None:
+            return masked_mean(per_token_loss, mask)
+        return masked_sum(per_token_loss, mask) / torch.as_tensor(normalizer).clamp(min=1)
     if loss_agg == "seq_mean_token_mean":
-        per_seq = masked_mean(per_token_loss, mask, dim=-1)
-        # Empty rows would otherwise count as a 0 loss and dilute the mean.
-        has_tokens = mask.to(per_token_loss.dtype).sum(dim=-1) > 0
-        return masked_mean(per_seq, has_tokens)
+        per_seq = masked_mean(per_token_loss, mask, dim=-1)  # (batch,), 0 for a row without tokens
+        if normalizer is None:
+            # Empty rows would otherwise count as a 0 loss and dilute the mean.
+            has_tokens = mask.to(per_token_loss.dtype).sum(dim=-1) > 0
+            return masked_mean(per_seq, has_tokens)
+        return per_seq.sum() / torch.as_tensor(normalizer).clamp(min=1)
     raise ValueError(
         f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}"
     )
+
+
+def loss_normalizer(mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+    """The count `aggregate_loss` divides by: valid tokens (``token_mean``) or sequences with at least
+    one valid token (``seq_mean_token_mean``) of ``mask`` ``(batch, resp_len)``. A float scalar, so the
+    counts of micro-batches and processes can be summed into the mini-batch's."""
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}")
+    tokens = mask.float().sum(dim=-1)  # (batch,)
+    return tokens.sum() if loss_agg == "token_mean" else (tokens > 0).float().sum()
 
 
 def policy_loss(
@@ -47,6 +68,7 @@ def policy_loss(
     clip_range: float = 0.2,
     dual_clip: float | None = None,
     loss_agg: str = "token_mean",
+    normalizer: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (as a loss to minimise).
 
@@ -65,7 +87,8 @@ def policy_loss(
 
     Stats: ``clipfrac`` (fraction of valid tokens where the clipped branch is
     the active max), ``approx_kl`` (masked mean of ``0.5 * log_ratio^2``),
-    ``ratio_mean``, ``ratio_max``, and ``dual_clipfrac`` when dual clip is on.
+    ``ratio_mean``, ``ratio_max``, and ``dual_clipfrac`` when dual clip is on:
+    means over this batch, whatever ``normalizer`` (see `aggregate_loss`) is.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -93,7 +116,7 @@ def policy_loss(
         per_token = torch.where(capped, cap, per_token)
         stats["dual_clipfrac"] = masked_mean(capped.to(logprobs.dtype), mask).detach()
 
-    loss = aggregate_loss(per_token, mask, loss_agg)
+    loss = aggregate_loss(per_token, mask, loss_agg, normalizer)
 
     with torch.no_grad():
         stats["clipfrac"] = masked_mean((pg_clipped > pg_unclipped).to(logprobs.dtype), mask)
@@ -111,6 +134,7 @@ def value_loss(
     mask: Tensor,
     clip_range_value: float | None = 0.2,
     loss_agg: str = "token_mean",
+    normalizer: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value-function loss.
 
@@ -125,6 +149,7 @@ def value_loss(
     the plain ``0.5 * (V - R)^2``.
     Stats: ``vf_clipfrac`` (fraction of valid tokens where the clipped error
     is the larger one) and ``value_error`` (masked mean of ``(V - R)^2``).
+    ``loss_agg`` and ``normalizer`` as in `aggregate_loss`.
     """
     old_values = old_values.detach()
     returns = returns.detach()
@@ -143,7 +168,7 @@ def value_loss(
         per_token = 0.5 * torch.maximum(err_unclipped, err_clipped)
         clipfrac = masked_mean((err_clipped > err_unclipped).to(values.dtype), mask)
 
-    loss = aggregate_loss(per_token, mask, loss_agg)
+    loss = aggregate_loss(per_token, mask, loss_agg, normalizer)
     stats = {
         "vf_clipfrac": clipfrac.detach(),
         "value_error": masked_mean(err_unclipped, mask).detach(),

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -40,15 +40,17 @@ from llm_rl.config import CRITIC_FREE, Config, ConfigError
 from llm_rl.data import PromptData, PromptSampler
 from llm_rl.hub import push_folder, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from llm_rl.losses import policy_loss, value_loss
+from llm_rl.losses import aggregate_loss, loss_normalizer, policy_loss, value_loss
 from llm_rl.metrics import read_metrics, reduce_scalars
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
-from llm_rl.ops import entropy_from_logits, masked_mean, masked_whiten
+from llm_rl.ops import entropy_from_logits, masked_whiten
 from llm_rl.plotting import plot_training_curves
 from llm_rl.rewards import RewardFn, RewardModel, compute_rewards, prefix_scores, shape_scores, token_rewards
 from llm_rl.rollout import Rollout, decode_responses, forward_logprobs, generate_responses, score_tokens
 
 RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
+# training metrics that are shares of their mini-batch's mean: summed over micro-batches and processes
+SHARE_STATS = ("loss/policy", "loss/value", "loss/kl", "loss/total", "entropy")
 
 
 class PPOTrainer:
@@ -129,8 +131,17 @@ class PPOTrainer:
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg_p.learning_rate, weight_decay=cfg_p.weight_decay)
         steps = self.num_updates * cfg_p.ppo_epochs * cfg_p.num_mini_batches
-        scheduler = get_scheduler(cfg_p.lr_scheduler_type, optimizer, cfg_p.warmup_steps, steps)
+        # transformers' "constant" ignores warmup: warmup_steps applies to every schedule
+        schedule = "constant_with_warmup" if cfg_p.lr_scheduler_type == "constant" else cfg_p.lr_scheduler_type
+        scheduler = get_scheduler(schedule, optimizer, cfg_p.warmup_steps, steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
+        # `steps` counts optimizer steps of this run (num_updates already reflects the process count), so the
+        # schedule takes one step per optimizer step. accelerate's wrapper would take num_processes (its
+        # convention for data loaders that shrink with the process count); it still skips the steps the grad
+        # scaler skipped. DeepSpeed steps the schedule inside its engine, once per step, and ignores this.
+        self.scheduler.split_batches = True
+        if uses_adapter and acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            checkpoint.save_trainable_only(acc, self.model)  # the frozen base reloads from model_name_or_path
         self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
         for reward in rewards:
             if hasattr(reward, "to"):
@@ -231,7 +242,9 @@ class PPOTrainer:
             timing["time/train"] = time.perf_counter() - t0
             self.update += 1
             metrics = self.rollout_metrics(rollout, kl_per_token, reward_means)
-            self.kl_controller.update(metrics["kl/per_sequence"], self.sampler.global_batch)
+            # the horizon counts samples: the rows of every process, num_generations per prompt
+            samples = self.sampler.global_batch * self.config.ppo.num_generations
+            self.kl_controller.update(metrics["kl/per_sequence"], samples)
             metrics.update(train_stats)
             metrics.update(timing)
             metrics["time/update"] = time.perf_counter() - start
@@ -348,7 +361,11 @@ class PPOTrainer:
                 prompt_score, prefix = prefix_scores(
                     self.prefix_reward_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
                 )
-            rollout.prefix_scores = (cfg_r.reward_scale * prefix, cfg_r.reward_scale * prompt_score)
+            # in score units: the reward model's weight x scale (clipping and missing_eos_penalty act on the
+            # whole score, which prefix_diff takes as the terminal reward)
+            weights = cfg_r.reward_weights or [1.0] * len(self.rewards)
+            unit = cfg_r.reward_scale * weights[self.rewards.index(self.prefix_reward_model)]
+            rollout.prefix_scores = (unit * prefix, unit * prompt_score)
         return {**result.means, "invalid": float((~valid).sum())}
 
     def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
@@ -357,13 +374,12 @@ class PPOTrainer:
         Returns the per-token KL (batch, resp_len)."""
         cfg_p = self.config.ppo
         mask = rollout.response_mask
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg_p.kl_estimator) * mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg_p.kl_estimator_in_use, mask)
         beta = self.kl_controller.value if cfg_p.kl_placement == "reward" else 0.0
         # r_t = -beta * KL_t (+ token-level rewards) (+ the score on the last token)
-        step_rewards = token_rewards(torch.zeros_like(rollout.scores), kl, mask, beta)
+        rewards = token_rewards(rollout.scores, kl, mask, beta)
         if rollout.token_scores is not None:
-            step_rewards = step_rewards + rollout.token_scores * mask
-        rewards = step_rewards + token_rewards(rollout.scores, torch.zeros_like(kl), mask, 0.0)
+            rewards = rewards + rollout.token_scores * mask
         if self.config.reward.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         estimator, returns, whiten = cfg_p.advantage_estimator, None, cfg_p.whiten_advantages
@@ -371,47 +387,46 @@ class PPOTrainer:
             advantages, returns = compute_gae(rewards, rollout.values, mask, cfg_p.gamma, cfg_p.lam)
         elif estimator in ("grpo", "rloo"):
             sequence_return = (rewards * mask).sum(dim=1)  # score + token rewards - beta * KL
+            kept = mask.sum(dim=1) > 0  # a row dropped for an invalid reward has no tokens and joins no group statistic
             group_fn = grpo_advantages if estimator == "grpo" else rloo_advantages
-            advantages = group_fn(sequence_return, cfg_p.num_generations)[:, None] * mask
+            advantages = group_fn(sequence_return, cfg_p.num_generations, valid=kept)[:, None] * mask
             whiten = whiten and estimator == "rloo"  # grpo is normalised per group already
         elif estimator == "reinforce_pp":
             advantages, whiten = reinforce_pp_advantages(rewards, mask, cfg_p.gamma), False  # whitened inside
-        else:  # prefix_diff: A_t = Q_t - Q_{t-1} from the reward model, plus the per-step rewards
+        else:  # prefix_diff: the reward model's prefix scores as the critic of TD(0), A_t = r_t + Q_t - Q_{t-1}
             prefix, prompt_score = rollout.prefix_scores
-            advantages = prefix_diff_advantages(prefix, prompt_score, mask) + step_rewards
+            advantages = prefix_diff_advantages(prefix, prompt_score, mask, rewards)
         if whiten:
             advantages = masked_whiten(advantages, mask)
         rollout.token_rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
         return kl
 
     def optimize(self, rollout: Rollout) -> dict[str, float]:
-        """ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches."""
+        """ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches.
+
+        Each micro-batch's loss is normalised by the global count of its mini-batch (`global_count`), so the
+        update is the same however the mini-batch is split over micro-batches and processes."""
         cfg_p, acc = self.config.ppo, self.accelerator
         sums: dict[str, torch.Tensor] = {}
-        n_micro = 0
         for epoch in range(cfg_p.ppo_epochs):
             order = torch.randperm(len(rollout), generator=self.shuffle_generator).to(acc.device)
             for mini in range(cfg_p.num_mini_batches):
                 mini_rows = order[mini * self.mini_batch_size : (mini + 1) * self.mini_batch_size]
+                normalizer = self.global_count(rollout.response_mask[mini_rows])
                 for micro in range(cfg_p.gradient_accumulation_steps):
                     rows = mini_rows[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
                     # accelerate skips the gradient all-reduce (DDP) or the engine step (DeepSpeed)
-                    # until the last micro-batch, and scales the loss by 1 / gradient_accumulation_steps
+                    # until the last micro-batch
                     with acc.accumulate(self.model):
-                        stats = self.train_step(trim_responses(rollout.select(rows)))
+                        stats = self.train_step(trim_responses(rollout.select(rows)), normalizer)
                         if acc.sync_gradients:
-                            grad_norm = self.apply_gradients()
-                            if grad_norm is not None:
-                                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                            stats.update(self.apply_gradients())
                     if epoch == 0 and mini == 0 and micro == 0:
                         self.check_first_ratio(stats["policy/ratio_max_dev"])
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
-                    n_micro += 1
-        means = {k: v / n_micro for k, v in sums.items() if k != "grad_norm"}
-        if "grad_norm" in sums:
-            means["grad_norm"] = sums["grad_norm"] / (cfg_p.ppo_epochs * cfg_p.num_mini_batches)
-        means = self.global_mean({k: torch.as_tensor(v, device=acc.device) for k, v in means.items()})
+        steps = cfg_p.ppo_epochs * cfg_p.num_mini_batches
+        means = self.update_stats(sums, steps, steps * cfg_p.gradient_accumulation_steps)
         means["lr"] = self.scheduler.get_last_lr()[0]
         return means
 
@@ -424,30 +439,64 @@ class PPOTrainer:
         if values is not None:
             rollout.values = values.detach().float().masked_fill(~valid, 0.0)
         kl = self.compute_advantages(rollout)
-        stats = self.loss_and_backward(rollout, logprobs, values, logits)
-        grad_norm = self.apply_gradients()
-        if grad_norm is not None:
-            stats["grad_norm"] = grad_norm
-        means = self.global_mean(stats)
+        stats = self.loss_and_backward(rollout, logprobs, values, logits, self.global_count(rollout.response_mask))
+        stats.update(self.apply_gradients())
+        means = self.update_stats(stats, 1, 1)
         means["lr"] = self.scheduler.get_last_lr()[0]
         return means, kl
 
-    def apply_gradients(self) -> Optional[torch.Tensor]:
-        """Clip the global grad norm, step optimizer and schedule; returns the norm before clipping."""
+    def global_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """What a mini-batch's losses are divided by: its tokens (token_mean) or sequences
+        (seq_mean_token_mean) on every process, `mask` (rows, resp_len) being this process's part."""
+        count = loss_normalizer(mask, self.config.ppo.loss_agg).to(self.accelerator.device)
+        return self.accelerator.reduce(count, "sum")  # one all-reduce per mini-batch
+
+    def update_stats(self, sums: dict[str, torch.Tensor], steps: int, micro_batches: int) -> dict[str, float]:
+        """An update's training metrics from this process's sums over its micro-batches, in one collective.
+
+        Loss terms are shares of their mini-batch's mean: summed over micro-batches and processes they
+        give it, then averaged over the `steps` mini-batches. Other stats are means per micro-batch,
+        averaged over micro-batches and processes; grad_norm over the steps that were applied."""
+        n = self.accelerator.num_processes
+        applied = max(steps - float(sums.get("optimizer/skipped_steps", 0.0)), 1.0)
+        divisors = {"grad_norm": applied * n, "optimizer/skipped_steps": n}
+        return self.global_sum({
+            k: v / (steps if k in SHARE_STATS else divisors.get(k, micro_batches * n)) for k, v in sums.items()
+        })
+
+    def apply_gradients(self) -> dict[str, torch.Tensor]:
+        """Clip the global grad norm, step optimizer and schedule. Returns the norm before clipping
+        (`grad_norm`, 0 for a skipped step) and whether the step was skipped (`optimizer/skipped_steps`).
+
+        Under fp16 a non-finite gradient is what the loss scaler is for: the step is skipped, the scale
+        lowered, and the schedule does not advance. Only a non-finite gradient it cannot explain stops the run."""
         cfg_p, acc = self.config.ppo, self.accelerator
         grad_norm = None
         if cfg_p.max_grad_norm is not None:
-            grad_norm = torch.as_tensor(acc.clip_grad_norm_(self.model.parameters(), cfg_p.max_grad_norm))
-            grad_norm = grad_norm.float().detach()
-            if not torch.isfinite(grad_norm):
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg_p.max_grad_norm)
+        if grad_norm is not None:  # DeepSpeed may not report it
+            grad_norm = torch.as_tensor(grad_norm).float().detach()
+            if not torch.isfinite(grad_norm) and not self.loss_scale_may_overflow():
                 raise FloatingPointError(
                     f"update {self.update + 1}: the gradient norm is {grad_norm.item()}; nothing was "
                     "applied and the last checkpoint is intact. Lower learning_rate or check the rewards."
                 )
         self.optimizer.step()
-        self.scheduler.step()
+        skipped = bool(self.optimizer.step_was_skipped)
+        self.scheduler.step()  # accelerate's wrapper does not step when the optimizer step was skipped
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        stats = {"optimizer/skipped_steps": torch.tensor(float(skipped))}
+        if grad_norm is not None:
+            stats["grad_norm"] = torch.zeros_like(grad_norm) if skipped else grad_norm
+        return stats
+
+    def loss_scale_may_overflow(self) -> bool:
+        """Whether a non-finite gradient may be a loss-scale overflow, which the optimizer step skips while
+        the scale shrinks: fp16 with a scale still above 1 (at 1 or below the unscaled gradient overflows)."""
+        acc = self.accelerator
+        if acc.scaler is not None:  # torch's GradScaler
+            return acc.scaler.get_scale() > 1.0
+        return acc.distributed_type == DistributedType.DEEPSPEED and acc.mixed_precision == "fp16"  # its own scaler
 
     def forward(self, batch: Rollout):
         """Training forward (with grad): log-probs (batch, resp_len), values or None, logits."""
@@ -456,37 +505,46 @@ class PPOTrainer:
             self.config.sampling.temperature,
         )
 
-    def train_step(self, batch: Rollout) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: Rollout, normalizer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss on one micro-batch and its backward; returns detached stats."""
         logprobs, values, logits = self.forward(batch)
-        return self.loss_and_backward(batch, logprobs, values, logits)
+        return self.loss_and_backward(batch, logprobs, values, logits, normalizer)
 
-    def loss_and_backward(self, batch: Rollout, logprobs, values, logits) -> dict[str, torch.Tensor]:
-        """PPO loss of a micro-batch from its training forward, and its backward; returns detached stats."""
+    def loss_and_backward(self, batch: Rollout, logprobs, values, logits, normalizer) -> dict[str, torch.Tensor]:
+        """PPO loss of a micro-batch from its training forward, and its backward; returns detached stats.
+
+        Every term (policy, value, entropy, KL) is this micro-batch's share of its mini-batch's mean: the
+        sum of its per-token (or per-sequence) terms over `normalizer`, the mini-batch's global count."""
         cfg_p, acc = self.config.ppo, self.accelerator
-        mask = batch.response_mask
+        mask, agg = batch.response_mask, cfg_p.loss_agg
         pg_loss, pg_stats = policy_loss(
             logprobs, batch.logprobs, batch.advantages, mask,
-            clip_range=cfg_p.clip_range, dual_clip=cfg_p.dual_clip, loss_agg=cfg_p.loss_agg,
+            clip_range=cfg_p.clip_range, dual_clip=cfg_p.dual_clip, loss_agg=agg, normalizer=normalizer,
         )
         vf_loss, vf_stats = torch.zeros((), device=logprobs.device), {}
         if values is not None:
             vf_loss, vf_stats = value_loss(
                 values.float(), batch.values, batch.returns, mask,
-                clip_range_value=cfg_p.clip_range_value, loss_agg=cfg_p.loss_agg,
+                clip_range_value=cfg_p.clip_range_value, loss_agg=agg, normalizer=normalizer,
             )
-        entropy = masked_mean(entropy_from_logits(logits.detach() if cfg_p.ent_coef == 0 else logits,
-                                                  self.config.sampling.temperature), mask)
+        token_entropy = entropy_from_logits(logits.detach() if cfg_p.ent_coef == 0 else logits,
+                                            self.config.sampling.temperature)
+        entropy = aggregate_loss(token_entropy, mask, agg, normalizer)
         loss = pg_loss + cfg_p.vf_coef * vf_loss - cfg_p.ent_coef * entropy
+        terms = {}
         if cfg_p.kl_placement == "loss":
-            kl = masked_mean(kl_penalty(logprobs, batch.ref_logprobs, cfg_p.kl_estimator), mask)
-            loss = loss + self.kl_controller.value * kl
+            token_kl = kl_penalty(logprobs, batch.ref_logprobs, cfg_p.kl_estimator_in_use, mask)
+            terms["loss/kl"] = aggregate_loss(token_kl, mask, agg, normalizer)
+            loss = loss + self.kl_controller.value * terms["loss/kl"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"update {self.update + 1}: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}); "
                 "lower learning_rate, check rewards for huge values, or set max_grad_norm"
             )
-        acc.backward(loss)  # accelerate divides by gradient_accumulation_steps
+        # accelerate divides the loss by gradient_accumulation_steps (DeepSpeed's engine too), and DDP, FSDP and
+        # DeepSpeed average gradients over processes: undo both, so that the shares' gradients add up, over
+        # micro-batches and processes, to the gradient of the mini-batch's mean
+        acc.backward(loss * (acc.gradient_accumulation_steps * acc.num_processes))
         valid = mask.bool()
         ratio_dev = (logprobs.detach() - batch.logprobs).exp().sub(1).abs().masked_fill(~valid, 0).max()
         stats = {
@@ -494,6 +552,7 @@ class PPOTrainer:
             "loss/value": vf_loss.detach(),
             "loss/total": loss.detach(),
             "entropy": entropy.detach(),
+            **{k: v.detach() for k, v in terms.items()},
             "policy/clipfrac": pg_stats["clipfrac"],
             "policy/approx_kl": pg_stats["approx_kl"],
             "policy/ratio_max_dev": ratio_dev,

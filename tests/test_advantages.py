@@ -154,3 +154,34 @@ def test_prefix_diff_hand_values():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     out = prefix_diff_advantages(prefix, prompt, mask)
     close(out, [[0.1, 0.3, -0.1], [0.5, 2.0, 0.0]])
+
+
+# ----------------------------------------------------------------- dropped rows in groups
+# group 0: scores 1, (dropped), 3, 2 -> valid mean 2, unbiased std 1; group 1: one valid row only -> 0
+GROUP_SCORES = torch.tensor([1.0, 0.0, 3.0, 2.0, 5.0, 0.0, 0.0, 0.0])
+GROUP_VALID = torch.tensor([True, False, True, True, True, False, False, False])
+
+
+def test_grpo_leaves_invalid_rows_out():
+    close(grpo_advantages(GROUP_SCORES, 4, eps=0.0, valid=GROUP_VALID), [-1.0, 0.0, 1.0, 0.0, 0, 0, 0, 0])
+    # without the mask the dropped 0 lowers the mean to 1.5: the old behaviour
+    assert grpo_advantages(GROUP_SCORES, 4)[0] > -1.0
+
+
+def test_rloo_leaves_invalid_rows_out():
+    # baselines: 1 -> mean(3, 2) = 2.5, 3 -> mean(1, 2) = 1.5, 2 -> mean(1, 3) = 2
+    close(rloo_advantages(GROUP_SCORES, 4, valid=GROUP_VALID), [-1.5, 0.0, 1.5, 0.0, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="valid"):
+        rloo_advantages(GROUP_SCORES, 4, valid=GROUP_VALID[:4])
+
+
+def test_prefix_diff_with_rewards_is_td0_with_the_prefix_scores_as_critic():
+    # Q_-1 = 0.25, Q = (0.5, 0.75, pad); rewards -0.1 (KL) then 2.0 (KL + the sequence score)
+    prefix, prompt = torch.tensor([[0.5, 0.75, 9.0]]), torch.tensor([0.25])
+    mask = torch.tensor([[1, 1, 0]])
+    rewards = torch.tensor([[-0.1, 2.0, 0.0]])
+    # A_0 = -0.1 + 0.5 - 0.25 = 0.15; A_1 = 2.0 - 0.5 = 1.5 (no Q after the last token)
+    close(prefix_diff_advantages(prefix, prompt, mask, rewards), [[0.15, 1.5, 0.0]])
+    # the score Q_last on the last token as the only reward: the plain increments
+    only_score = torch.tensor([[0.0, 0.75, 0.0]])
+    close(prefix_diff_advantages(prefix, prompt, mask, only_score), prefix_diff_advantages(prefix, prompt, mask))

@@ -228,3 +228,26 @@ def test_save_yaml_round_trip(tmp_path):
     assert loaded.ppo.max_grad_norm is None
     assert loaded.reward.reward_weights == [1.0, 0.25]
     assert loaded != Config()
+
+
+def test_kl_in_the_loss_defaults_to_k2_and_refuses_k1_and_abs():
+    config = Config.from_dict({"kl_placement": "loss"})
+    config.validate()
+    assert config.ppo.kl_estimator_in_use == "k2"
+    assert Config().ppo.kl_estimator_in_use == "k1"  # in the reward
+    for estimator, why in (("k1", "expected gradient is 0"), ("abs", "no KL")):
+        with pytest.raises(ConfigError, match=why):
+            Config.from_dict({"kl_placement": "loss", "kl_estimator": estimator}).validate()
+    Config.from_dict({"kl_placement": "loss", "kl_estimator": "k3"}).validate()  # the forward KL's gradient
+
+
+def test_prefix_diff_refuses_reward_whitening():
+    config = Config.from_dict({"advantage_estimator": "prefix_diff", "reward_model_name_or_path": "rm",
+                               "whiten_rewards": True})
+    with pytest.raises(ConfigError, match="whiten_rewards"):
+        config.validate()
+
+
+def test_validate_warmup_steps():
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        Config.from_dict({"warmup_steps": -1}).validate()

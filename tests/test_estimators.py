@@ -172,9 +172,9 @@ def test_prefix_diff_run(assets, tmp_path, shared_vocab_reward_model):
     rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
     trainer.score(rollout)
     trainer.compute_advantages(rollout)
-    # the increments telescope: each row's advantages sum to Q_last - Q_prompt
-    prefix, prompt_score = rollout.prefix_scores
-    last = rollout.response_mask.sum(1) - 1
-    expected = prefix[torch.arange(4), last] - prompt_score
+    # the increments telescope: each row's advantages sum to its sequence score - Q_prompt (TD(0) with the
+    # prefix scores as the critic and the score as the terminal reward)
+    _, prompt_score = rollout.prefix_scores
+    expected = rollout.scores - prompt_score
     assert torch.allclose((rollout.advantages * rollout.response_mask).sum(1), expected, atol=1e-5)
     assert finite(trainer.train())

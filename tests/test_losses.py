@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llm_rl.losses import aggregate_loss, policy_loss, value_loss
+from llm_rl.losses import aggregate_loss, loss_normalizer, policy_loss, value_loss
 
 
 def close(actual, expected, atol=1e-6):
@@ -111,6 +111,39 @@ def test_aggregate_all_masked_is_zero():
     empty = torch.zeros_like(AGG_MASK)
     close(aggregate_loss(PER_TOKEN, empty, "token_mean"), 0.0)
     close(aggregate_loss(PER_TOKEN, empty, "seq_mean_token_mean"), 0.0)
+
+
+def test_loss_normalizer_counts_tokens_or_sequences():
+    assert loss_normalizer(AGG_MASK, "token_mean") == 5.0
+    assert loss_normalizer(AGG_MASK, "seq_mean_token_mean") == 2.0  # the empty row is no sequence
+    with pytest.raises(ValueError, match="token_mean"):
+        loss_normalizer(AGG_MASK, "sum")
+
+
+@pytest.mark.parametrize("loss_agg, whole", [("token_mean", 4.0), ("seq_mean_token_mean", 6.25)])
+def test_aggregate_with_the_global_count_splits_into_shares(loss_agg, whole):
+    """Rows 0 | 1, 2 as two micro-batches, each divided by the count of all three rows:
+    token_mean 10/5 + 10/5 = 4; seq_mean_token_mean 2.5/2 + 10/2 = 6.25. The shares add up to the whole
+    mean, while the mean of the two micro-batch means would be (2.5 + 10) / 2 = 6.25 and (2.5 + 5) / 2 = 3.75."""
+    count = loss_normalizer(AGG_MASK, loss_agg)
+    first = aggregate_loss(PER_TOKEN[:1], AGG_MASK[:1], loss_agg, normalizer=count)
+    rest = aggregate_loss(PER_TOKEN[1:], AGG_MASK[1:], loss_agg, normalizer=count)
+    close(first + rest, whole)
+    close(aggregate_loss(PER_TOKEN, AGG_MASK, loss_agg, normalizer=count), whole)
+    close(aggregate_loss(PER_TOKEN, torch.zeros_like(AGG_MASK), loss_agg, normalizer=0.0), 0.0)  # count 0: no NaN
+
+
+def test_policy_and_value_loss_take_a_normalizer():
+    # the hand examples above over 4 valid tokens, divided by a global count of 8 instead: half of each
+    loss, stats = policy_loss(NEW, OLD, ADV, MASK, clip_range=0.2, normalizer=8.0)
+    close(loss, -0.275 / 2)
+    close(stats["clipfrac"], 0.5)  # stats stay this batch's means
+    new = NEW.clone().requires_grad_(True)
+    policy_loss(new, OLD, ADV, MASK, clip_range=0.2, normalizer=torch.tensor(8.0))[0].backward()
+    close(new.grad, [[0.0, 0.0, 0.1375, -0.225, 0.0]])
+    loss, stats = value_loss(VALUES, OLD_VALUES, RETURNS, VMASK, clip_range_value=0.2, normalizer=8.0)
+    close(loss, 0.57875 / 2)
+    close(stats["value_error"], 0.8125)
 
 
 def test_policy_loss_seq_mean_differs_from_token_mean():
