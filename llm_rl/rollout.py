@@ -38,6 +38,17 @@ class Rollout:
     completions: list = field(default_factory=list)  # response texts, stop token removed
     columns: dict = field(default_factory=dict)  # other dataset columns, passed to reward functions
     reward_values: dict = field(default_factory=dict)  # reward name -> (batch,) each reward's value per row
+    # multi-turn episodes (llm_rl.episodes): the response region holds bot turns and observations;
+    # response_mask marks the bot's tokens (all that gets a loss), context_mask every real token
+    context_mask: Optional[torch.Tensor] = None  # (batch, resp_len)
+    turn_ends: Optional[torch.Tensor] = None  # (batch, resp_len) bool: last token of each bot turn
+    final_values: Optional[torch.Tensor] = None  # (batch,) V after the last token of an episode cut before done
+    num_turns: Optional[torch.Tensor] = None  # (batch,)
+
+    @property
+    def region_mask(self) -> torch.Tensor:
+        """(batch, resp_len) the real tokens after the prompt: what the forwards attend to."""
+        return self.context_mask if self.context_mask is not None else self.response_mask
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -45,7 +56,7 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        return torch.cat([self.prompt_mask, self.region_mask], dim=1)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -182,9 +193,9 @@ def forward_logprobs(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float,
-    with_entropy: bool = False,
 ):
     """One forward over prompt + response: log-probs of the response tokens and the values.
+    `response_mask` is the attention mask of the response region (every real token after the prompt).
 
     Returns (logprobs (batch, resp_len), values (batch, resp_len) or None, logits).
     """
@@ -203,7 +214,8 @@ def score_tokens(
     chunk_size: int,
     reference: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """No-grad log-probs (and values) of a rollout's responses in chunks of `chunk_size` rows."""
+    """No-grad log-probs (and values) of a rollout's responses in chunks of `chunk_size` rows; 0 off the
+    policy's tokens."""
     logprobs, values = [], []
     for start in range(0, len(rollout), chunk_size):
         rows = slice(start, start + chunk_size)
@@ -212,7 +224,7 @@ def score_tokens(
             rollout.prompt_ids[rows],
             rollout.prompt_mask[rows],
             rollout.response_ids[rows],
-            rollout.response_mask[rows],
+            rollout.region_mask[rows],
             temperature,
         )
         logprobs.append(lp)
@@ -222,3 +234,21 @@ def score_tokens(
     logprobs = torch.cat(logprobs).masked_fill(~mask, 0.0)
     values = torch.cat(values).float().masked_fill(~mask, 0.0) if values else None
     return logprobs.float(), values
+
+
+@torch.no_grad()
+def bootstrap_values(model: CausalLMWithValueHead, rollout: Rollout, chunk_size: int) -> torch.Tensor:
+    """(batch,) V of the state after each row's last real token: where an episode cut before it was
+    done would go on. One extra padding column lets the last position of the longest row be read."""
+    region = torch.nn.functional.pad(rollout.region_mask, (0, 1))
+    ids = torch.nn.functional.pad(rollout.response_ids, (0, 1))
+    lengths = rollout.region_mask.sum(dim=1)
+    out = []
+    for start in range(0, len(rollout), chunk_size):
+        rows = slice(start, start + chunk_size)
+        mask = torch.cat([rollout.prompt_mask[rows], region[rows]], dim=1)
+        _, values = model(torch.cat([rollout.prompt_ids[rows], ids[rows]], dim=1), mask,
+                          response_start=rollout.prompt_ids.shape[1])
+        # values[:, j] is V before region token j, so j = length is V after the last real token
+        out.append(values.float().gather(1, lengths[rows, None].long())[:, 0])
+    return torch.cat(out)

@@ -18,13 +18,13 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARACTERS = list("0123456789+=")
 
 
-def build_tokenizer():
+def build_tokenizer(characters: Sequence[str] = CHARACTERS):
     """A character-level fast tokenizer: one token per digit/symbol, plus pad, eos and unk."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {PAD: 0, EOS: 1, UNK: 2}
-    for ch in CHARACTERS:
+    for ch in characters:
         vocab[ch] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")

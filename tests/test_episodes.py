@@ -1,0 +1,350 @@
+"""Multi-turn episodes: GAE over action tokens (hand-computed), turn vs token discount, bootstrapping,
+and the episode rollout on a tiny model with a scripted environment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_rl.advantages import action_gae, compute_gae
+
+DESIGN_TURNS = [[1.3, 1.2, 1.7, 1.5, 1.8], [1.7, 1.5, 1.8, 1.7, 1.6]]  # DESIGN.md's two chatbot episodes
+
+
+def turn_layout(turn_rewards: list[float], tokens_per_turn: int = 3, obs_tokens: int = 2):
+    """One row: each bot turn `tokens_per_turn` action tokens, its reward on the last, then observation tokens."""
+    rewards, actions, ends = [], [], []
+    for r in turn_rewards:
+        rewards += [0.0] * (tokens_per_turn - 1) + [r] + [0.0] * obs_tokens
+        actions += [1] * tokens_per_turn + [0] * obs_tokens
+        ends += [False] * (tokens_per_turn - 1) + [True] + [False] * obs_tokens
+    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(actions), torch.tensor(ends)
+
+
+def test_turn_discount_gives_the_design_returns_exactly():
+    rows = [turn_layout(r) for r in DESIGN_TURNS]
+    rewards, actions, ends = (torch.stack(x) for x in zip(*rows))
+    _, returns = action_gae(rewards, torch.zeros_like(rewards), actions, gamma=0.9, lam=1.0, turn_ends=ends)
+    assert returns[:, 0].tolist() == pytest.approx([6.03148, 6.79706], abs=1e-12)
+    # every token of a turn has that turn's return (gamma is 1 inside a turn); observations get 0
+    assert returns[0, :3].tolist() == pytest.approx([6.03148] * 3, abs=1e-12)
+    assert returns[0, 3:5].tolist() == [0.0, 0.0]
+    assert returns[0, 5].item() == pytest.approx(1.2 + 0.9 * 1.7 + 0.81 * 1.5 + 0.729 * 1.8, abs=1e-12)
+
+
+def test_token_discount_counts_every_action_token_but_no_observation():
+    rewards, actions, _ = turn_layout([1.0, 2.0], tokens_per_turn=2, obs_tokens=3)
+    _, returns = action_gae(rewards[None], torch.zeros(1, 10, dtype=torch.float64), actions[None], gamma=0.5, lam=1.0)
+    # action tokens at 0, 1 (reward 1 on 1) and 5, 6 (reward 2 on 6): G_0 = 0 + .5*1 + .25*0 + .125*2
+    assert returns[0, 0].item() == pytest.approx(0.5 * 1.0 + 0.125 * 2.0)
+    assert returns[0, 1].item() == pytest.approx(1.0 + 0.5 * 0 + 0.25 * 2.0)
+
+
+def test_values_at_observation_positions_do_not_matter():
+    rewards, actions, ends = turn_layout([1.0, 0.5], tokens_per_turn=2, obs_tokens=2)
+    values = torch.tensor([0.3, 0.2, 9.0, -7.0, 0.4, 0.1, 5.0, 5.0], dtype=torch.float64)
+    other = values.clone()
+    other[[2, 3, 6, 7]] = torch.tensor([-100.0, 3.0, 42.0, 0.0], dtype=torch.float64)
+    a1, r1 = action_gae(rewards[None], values[None], actions[None], 0.9, 0.8, turn_ends=ends[None])
+    a2, r2 = action_gae(rewards[None], other[None], actions[None], 0.9, 0.8, turn_ends=ends[None])
+    assert torch.equal(a1, a2) and torch.equal(r1, r2)
+    # by hand, action tokens 0, 1 | 4, 5 with gamma 1 inside a turn, 0.9 across, lam 0.8:
+    # d5 = 0.5 - 0.1 = 0.4                      A5 = 0.4
+    # d4 = 0 + 1*0.1 - 0.4 = -0.3               A4 = -0.3 + 0.8*0.4 = 0.02
+    # d1 = 1.0 + 0.9*0.4 - 0.2 = 1.16           A1 = 1.16 + 0.9*0.8*0.02 = 1.1744
+    # d0 = 0 + 1*0.2 - 0.3 = -0.1               A0 = -0.1 + 0.8*1.1744 = 0.83952
+    assert a1[0].tolist() == pytest.approx([0.83952, 1.1744, 0, 0, 0.02, 0.4, 0, 0], abs=1e-12)
+
+
+def test_cut_episode_bootstraps_from_the_next_state_value():
+    rewards, actions, ends = turn_layout([1.0], tokens_per_turn=2, obs_tokens=2)
+    values = torch.tensor([[0.5, 0.25, 0.0, 0.0]], dtype=torch.float64)
+    _, done = action_gae(rewards[None], values, actions[None], 0.9, 1.0, turn_ends=ends[None])
+    _, cut = action_gae(rewards[None], values, actions[None], 0.9, 1.0, turn_ends=ends[None],
+                        final_values=torch.tensor([2.0], dtype=torch.float64))
+    assert done[0, :2].tolist() == pytest.approx([1.0, 1.0])
+    assert cut[0, :2].tolist() == pytest.approx([1.0 + 0.9 * 2.0] * 2)
+
+
+def test_single_turn_equals_compute_gae():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] + [0] * 6, [0] * 7])
+    a1, r1 = compute_gae(rewards, values, mask, 0.95, 0.9)
+    a2, r2 = action_gae(rewards, values, mask, 0.95, 0.9)
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(r1, r2)
+
+
+class Echo:
+    """Scripted user: rewards a reply by its length, answers "12" twice, then is done (or never, if patient)."""
+
+    def __init__(self, turns_until_done: int = 2):
+        self.turns_until_done = turns_until_done
+
+    def reset(self, row):
+        self.turn = 0
+        return row["prompt"]
+
+    def step(self, response):
+        self.turn += 1
+        return "12", float(len(response)), self.turn >= self.turns_until_done
+
+
+def test_two_turn_episodes_on_a_tiny_model(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from llm_rl.episodes import run_episodes
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = [{"prompt": "1+2="}, {"prompt": "17+5="}, {"prompt": "123+45="}]
+    envs = [Echo(2), Echo(2), Echo(99)]
+    torch.manual_seed(0)
+    ep = run_episodes(lm, tiny_tokenizer, envs, rows, max_turns=2, max_episode_tokens=40, max_new_tokens=3,
+                      temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[1], chunk_size=3)
+    assert ep.num_turns.tolist() == [2, 2, 2]
+    assert ep.ended.tolist() == [True, True, False]  # the patient user was cut by max_turns: bootstrap
+    obs = tiny_tokenizer("12", add_special_tokens=False).input_ids
+    for row in range(3):
+        n = int(ep.response_mask[row].sum())
+        tokens, actions = ep.response_ids[row, :n].tolist(), ep.action_mask[row, :n].tolist()
+        turn_ends = ep.turn_ends[row, :n].nonzero().flatten().tolist()
+        assert len(turn_ends) == 2
+        first_len = turn_ends[0] + 1
+        # reply 1 | observation "12" | reply 2 (| observation "12" when not done)
+        assert actions[:first_len] == [1] * first_len
+        assert tokens[first_len : first_len + 2] == obs and actions[first_len : first_len + 2] == [0, 0]
+        assert actions[first_len + 2 : turn_ends[1] + 1] == [1] * (turn_ends[1] - first_len - 1)
+        tail = n - turn_ends[1] - 1
+        assert tail == (0 if ep.ended[row] else 2)
+        # each turn's reward (its text length) sits on that turn's last token
+        rewards = ep.turn_rewards[row, :n]
+        assert rewards.nonzero().flatten().tolist() == [t for t in turn_ends if rewards[t] != 0]
+        # the context is exactly what the model saw: prompt ids (left-padded) then the region
+    assert ep.prompts == ["1+2=", "17+5=", "123+45="]
+
+
+def test_max_episode_tokens_cuts_and_finished_episodes_stop_generating(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from llm_rl.episodes import run_episodes
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    calls = []
+    generate = lm.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    lm.generate = counting_generate
+    envs = [Echo(1), Echo(99)]
+    ep = run_episodes(lm, tiny_tokenizer, envs, [{"prompt": "1+2="}, {"prompt": "3+4="}], max_turns=5,
+                      max_episode_tokens=7, max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
+                      stop_token_ids=[1], chunk_size=2)
+    assert calls[0] == 2 and all(c == 1 for c in calls[1:])  # the finished episode left the batch
+    assert ep.ended.tolist() == [True, False]
+    assert int(ep.response_mask[1].sum()) >= 7 and ep.num_turns[1] < 5
+
+
+def test_chat_episode_sequence_is_the_rendered_conversation(tiny_model_dir, tiny_tokenizer):
+    """With chat data the observation tokens continue the chat template; what the template writes after a
+    reply beyond the policy's stop token ("=" here) becomes part of the observation, never an action."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_rl.episodes import run_episodes
+
+    tiny_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}="
+        "{% else %}+{% endif %}{% endfor %}"
+    )
+
+    class Chat:
+        def reset(self, row):
+            self.replies = []
+            return [{"role": "user", "content": row["prompt"]}]
+
+        def step(self, response):
+            self.replies.append(response)
+            return "45", 1.0, len(self.replies) == 2
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    three = tiny_tokenizer.convert_tokens_to_ids("3")
+
+    def reply_three(input_ids, **_):  # the policy answers "3" and stops: the sequence is then known exactly
+        return torch.cat([input_ids, torch.tensor([[three, 1]] * input_ids.shape[0])], dim=1)
+
+    lm.generate = reply_three
+    env = Chat()
+    ep = run_episodes(lm, tiny_tokenizer, [env], [{"prompt": "12"}], max_turns=2, max_episode_tokens=30,
+                      max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[1], chunk_size=1)
+    n = int(ep.response_mask[0].sum())
+    assert env.replies == ["3", "3"]
+    prompt = ep.prompt_ids[0][ep.prompt_mask[0].bool()].tolist()
+    messages = [{"role": "user", "content": "12"}, {"role": "assistant", "content": "3"},
+                {"role": "user", "content": "45"}, {"role": "assistant", "content": "3"}]
+    rendered = tiny_tokenizer.apply_chat_template(messages, tokenize=False)  # "12+3<eos>=45+3<eos>="
+    expected = tiny_tokenizer(rendered, add_special_tokens=False).input_ids[:-1]  # the last "=" is never written
+    assert prompt + ep.response_ids[0, :n].tolist() == expected
+    # actions: "3<eos>" twice; "=45+" between them is the observation
+    assert ep.action_mask[0, :n].tolist() == [1, 1, 0, 0, 0, 0, 1, 1]
+    assert ep.turn_ends[0, :n].tolist() == [False, True, False, False, False, False, False, True]
+
+
+# ---------------------------------------------------------------- the trainer with an environment
+ENV_SOURCE = '''
+class TwoTurns:
+    """Scripted user: answers "7" to every reply, rewards a reply by its length / 4, done after 2 turns."""
+
+    def reset(self, row):
+        self.turns = 0
+        return row["prompt"]
+
+    def step(self, response):
+        self.turns += 1
+        return "7", len(response) / 4, self.turns >= 2
+'''
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def episode_setup(tmp_path_factory, tiny_model_dir):
+    import json
+
+    root = tmp_path_factory.mktemp("episodes")
+    (root / "users.py").write_text(ENV_SOURCE)
+    prompts = [f"{a}+{b}=" for a in (3, 45, 678, 9) for b in (1, 23)]
+    (root / "rows.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+    return root, {
+        "model_name_or_path": str(tiny_model_dir), "dataset_name": str(root / "rows.jsonl"),
+        "environment": f"{root / 'users.py'}:TwoTurns", "max_turns": 3, "max_episode_tokens": 12,
+        "max_new_tokens": 3, "batch_size": 4, "num_mini_batches": 2, "learning_rate": 1e-3, "max_updates": 3,
+        "gamma": 0.9, "seed": 0, "progress_bar": False, "save_steps": 1,
+    }
+
+
+def make_trainer(values: dict, out, **overrides):
+    from llm_rl.config import Config
+    from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
+    from llm_rl.trainer import PPOTrainer
+
+    config = Config.from_dict({**values, "output_dir": str(out), **overrides})
+    tokenizer = load_tokenizer(values["model_name_or_path"])
+    return PPOTrainer(config, load_policy(config, tokenizer), tokenizer, load_prompts(config, tokenizer),
+                      load_rewards(config))
+
+
+def test_observation_tokens_get_no_advantage_kl_or_loss(episode_setup, tmp_path):
+    _, values = episode_setup
+    trainer = make_trainer(values, tmp_path / "run", kl_coef=0.5)
+    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]), old_policy=True)
+    trainer.score(rollout)
+    kl = trainer.compute_advantages(rollout)
+    observation = rollout.context_mask.bool() & ~rollout.response_mask.bool()
+    assert observation.any() and rollout.response_mask.any()
+    for name, tensor in [("kl", kl), ("advantages", rollout.advantages), ("returns", rollout.returns),
+                         ("logprobs", rollout.logprobs), ("values", rollout.values), ("rewards", rollout.token_rewards)]:
+        assert tensor[observation].abs().max() == 0, name
+    # the loss does not see what sits at observation positions
+    trainer.model.train()
+    normalizer = trainer.global_count(rollout.response_mask)
+    batch = rollout.select(torch.arange(4))
+    logprobs, v, logits = trainer.forward(batch)
+    first = trainer.loss_and_backward(batch, logprobs, v, logits, normalizer)
+    for name in ("logprobs", "advantages", "returns", "values", "ref_logprobs"):
+        getattr(batch, name)[observation] = 1e3
+    logprobs, v, logits = trainer.forward(batch)
+    second = trainer.loss_and_backward(batch, logprobs, v, logits, normalizer)
+    for key in ("loss/policy", "loss/value", "loss/total", "entropy"):
+        assert first[key].item() == pytest.approx(second[key].item(), abs=1e-7), key
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_multi_turn_ppo_runs_and_logs_episodes(episode_setup, tmp_path, use_peft):
+    _, values = episode_setup
+    history = make_trainer(values, tmp_path / "run", use_peft=use_peft).train()
+    assert len(history) == 3
+    for row in history:
+        assert row["episode/turns"] == pytest.approx(2.0) or row["episode/done_rate"] < 1
+        for key in ("episode/return", "episode/turn_reward", "loss/policy", "loss/value", "kl/per_token"):
+            assert torch.isfinite(torch.tensor(row[key])), key
+    if not use_peft:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    else:
+        assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
+def test_critic_free_estimators_take_the_discounted_episode_return(episode_setup, tmp_path, estimator):
+    _, values = episode_setup
+    trainer = make_trainer(values, tmp_path / "run", advantage_estimator=estimator, num_generations=2, kl_coef=0.0,
+                           whiten_advantages=False)
+    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1]), old_policy=True)
+    trainer.score(rollout)
+    trainer.compute_advantages(rollout)
+    mask = rollout.response_mask.bool()
+    # the discounted episode return by hand: turn k's reward times 0.9 ** k
+    turn_of = rollout.turn_ends.long().cumsum(1) - rollout.turn_ends.long()
+    episode_return = (rollout.token_scores * 0.9 ** turn_of.float()).sum(1)
+    if estimator == "grpo":
+        from llm_rl.advantages import grpo_advantages
+
+        expected = grpo_advantages(episode_return, 2)
+        for row in range(4):
+            assert torch.allclose(rollout.advantages[row][mask[row]], expected[row].expand(int(mask[row].sum())))
+    else:  # every bot token: its turn's discounted return to go, whitened over the batch's bot tokens
+        from llm_rl.ops import masked_whiten
+
+        to_go = torch.zeros_like(rollout.token_scores)
+        for row in range(4):
+            rewards = rollout.token_scores[row][rollout.turn_ends[row]].tolist()  # one per turn, in order
+            for t in mask[row].nonzero().flatten().tolist():
+                k = int(turn_of[row, t])
+                to_go[row, t] = sum(r * 0.9 ** (j - k) for j, r in enumerate(rewards) if j >= k)
+        torch.testing.assert_close(rollout.advantages, masked_whiten(to_go, rollout.response_mask) * mask)
+
+
+def test_resume_in_the_middle_of_a_multi_turn_run(episode_setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, values = episode_setup
+    make_trainer(values, tmp_path / "straight").train()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed)
+    shutil.rmtree(resumed / "checkpoint-3")
+    (resumed / "model.safetensors").unlink()
+    make_trainer(values, resumed, resume_from_checkpoint=str(resumed / "checkpoint-2")).train()
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    head_a = load_file(tmp_path / "straight" / "value_head.safetensors")
+    head_b = load_file(resumed / "value_head.safetensors")
+    assert all(torch.equal(head_a[k], head_b[k]) for k in head_a)
+
+
+def test_two_processes_play_episodes_and_agree(episode_setup, tmp_path):
+    import json
+
+    import yaml
+    from test_distributed import DRIVER_SOURCE, explain, launch
+
+    root, values = episode_setup
+    (tmp_path / "driver.py").write_text(DRIVER_SOURCE)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**values, "save_steps": 0, "max_updates": 2}))
+    proc = launch(str(tmp_path / "driver.py"), [str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "out")],
+                  tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    reports = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert reports[0]["digest"] == reports[1]["digest"]
+    assert reports[0]["history"][-1]["episode/return"] == reports[1]["history"][-1]["episode/return"]
