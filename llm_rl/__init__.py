@@ -1,44 +1,48 @@
-"""llm_rl: token-level reinforcement learning for causal language models (PPO and friends)."""
+"""llm_rl: token-level reinforcement learning for causal language models (PPO and friends).
+
+The public names below load on first use (PEP 562), so `llm-rl --help` and config errors
+answer without importing torch and transformers.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from llm_rl.advantages import (
-    compute_gae,
-    discounted_returns,
-    grpo_advantages,
-    prefix_diff_advantages,
-    reinforce_pp_advantages,
-    rloo_advantages,
-)
-from llm_rl.config import Config, ConfigError
-from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from llm_rl.losses import policy_loss, value_loss
-from llm_rl.modeling import CausalLMWithValueHead
-from llm_rl.ops import entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten
-from llm_rl.rewards import RewardModel, token_rewards
-from llm_rl.rollout import Rollout
+_EXPORTS = {
+    "compute_gae": "advantages",
+    "discounted_returns": "advantages",
+    "grpo_advantages": "advantages",
+    "prefix_diff_advantages": "advantages",
+    "reinforce_pp_advantages": "advantages",
+    "rloo_advantages": "advantages",
+    "Config": "config",
+    "ConfigError": "config",
+    "AdaptiveKLController": "kl",
+    "FixedKLController": "kl",
+    "kl_penalty": "kl",
+    "policy_loss": "losses",
+    "value_loss": "losses",
+    "CausalLMWithValueHead": "modeling",
+    "entropy_from_logits": "ops",
+    "logprobs_from_logits": "ops",
+    "masked_mean": "ops",
+    "masked_var": "ops",
+    "masked_whiten": "ops",
+    "RewardModel": "rewards",
+    "token_rewards": "rewards",
+    "Rollout": "rollout",
+}
 
-__all__ = [
-    "AdaptiveKLController",
-    "CausalLMWithValueHead",
-    "Config",
-    "ConfigError",
-    "FixedKLController",
-    "RewardModel",
-    "Rollout",
-    "compute_gae",
-    "discounted_returns",
-    "entropy_from_logits",
-    "grpo_advantages",
-    "kl_penalty",
-    "logprobs_from_logits",
-    "masked_mean",
-    "masked_var",
-    "masked_whiten",
-    "policy_loss",
-    "prefix_diff_advantages",
-    "reinforce_pp_advantages",
-    "rloo_advantages",
-    "token_rewards",
-    "value_loss",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llm_rl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"llm_rl.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,31 +1,33 @@
 """The `llm-rl` command.
 
+    llm-rl --version
     llm-rl demo [--seed 0] [--output_dir outputs/demo] [--max_updates N] [--warm_start_steps N] [--warm_start_accuracy A]
                 [--overwrite] [--prepare_only] [--any_config_key value ...]
+    llm-rl demo --task dialogue [--seed 0] [--output_dir outputs/demo_dialogue] [--max_updates N] [--overwrite]
     llm-rl ppo --config recipes/configs/X.yaml [--any_config_key value ...]
     llm-rl reward train --config reward_models/configs/X.yaml [--any_config_key value ...]
     llm-rl reward score (--model PATH_OR_ID | --reward module:function) --input FILE.jsonl --output OUT.jsonl
 
+--config may stand anywhere. A mistake in the config, data, rewards, a checkpoint or a model path
+prints one line and exits 2; --debug (or LLM_RL_DEBUG=1) shows the traceback instead.
 They run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from llm_rl.config import Config, ConfigError, format_help
+import llm_rl
+from llm_rl.config import Config, ConfigError, UserError, format_help, split_config_arg
 
 
 def ppo_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: llm-rl ppo --config FILE.yaml [--key value ...]\n\nkeys:" + format_help())
         return 0
-    config_path = None
-    if argv[0] == "--config" and len(argv) > 1:
-        config_path, argv = argv[1], argv[2:]
-    elif argv[0].startswith("--config="):
-        config_path, argv = argv[0].split("=", 1)[1], argv[1:]
+    config_path, argv = split_config_arg(argv)
     from llm_rl.pipeline import run_ppo
 
     config = Config.from_yaml(config_path, argv)
@@ -36,7 +38,14 @@ def ppo_main(argv: list[str]) -> int:
 def demo_main(argv: list[str]) -> int:
     from llm_rl.demo import DemoOptions, run_demo
 
-    parser = argparse.ArgumentParser(prog="llm-rl demo", description="PPO teaches a tiny model addition (CPU, offline).")
+    parser = argparse.ArgumentParser(
+        prog="llm-rl demo",
+        description="PPO teaches a tiny model addition (--task addition), or to chat far-sightedly over several "
+                    "turns (--task dialogue); CPU, offline.",
+    )
+    parser.add_argument("--task", choices=("addition", "dialogue"), default="addition")
+    if "dialogue" in argv:
+        return dialogue_demo_main(parser, argv)
     defaults = DemoOptions()
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--output_dir", default=defaults.output_dir)
@@ -52,6 +61,21 @@ def demo_main(argv: list[str]) -> int:
                           warm_start_accuracy=args.warm_start_accuracy,
                           max_updates=args.max_updates, overwrite=args.overwrite, prepare_only=args.prepare_only)
     run_demo(options, overrides)
+    return 0
+
+
+def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    from llm_rl.demo_dialogue import DialogueOptions, run_dialogue_demo
+
+    defaults = DialogueOptions()
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--output_dir", default=defaults.output_dir)
+    parser.add_argument("--max_updates", type=int, default=defaults.max_updates, help="PPO updates per gamma")
+    parser.add_argument("--warm_start_steps", type=int, default=defaults.warm_start_steps)
+    parser.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a run")
+    args = parser.parse_args(argv)
+    run_dialogue_demo(DialogueOptions(output_dir=args.output_dir, seed=args.seed, max_updates=args.max_updates,
+                                      warm_start_steps=args.warm_start_steps, overwrite=args.overwrite))
     return 0
 
 
@@ -77,14 +101,30 @@ COMMANDS = {"ppo": ppo_main, "demo": demo_main, "reward": reward_main}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("LLM_RL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] == "--version":
+        print(f"llm-rl {llm_rl.__version__}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ConfigError as e:
-        print(f"llm-rl: config error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        if debug:
+            raise
+        print(f"llm-rl: {one_line_error(e)}", file=sys.stderr)
         return 2
+
+
+def one_line_error(error: Exception) -> str:
+    """'<kind> error: message' on one line. OSError is how transformers, datasets and the Hub client
+    report a model or dataset they cannot find or read: the user's path or id, not a bug here."""
+    label = getattr(error, "label", "error")
+    text = " ".join(str(error).split()) or type(error).__name__
+    hint = "" if isinstance(error, ConfigError) else " (--debug or LLM_RL_DEBUG=1 shows the traceback)"
+    return f"{label}: {text}{hint}"
 
 
 if __name__ == "__main__":

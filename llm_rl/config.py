@@ -7,9 +7,11 @@ flat key always finds its home. Unknown keys fail with the closest valid names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,13 +21,66 @@ from typing import Any, Optional
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what a user gave (config, data, reward, checkpoint): `llm-rl` prints the message
+    on one line and exits 2, without a traceback. Subclasses name the kind in `label`."""
+
+    label = "error"
+
+
+class ConfigError(UserError):
     """A config value a user has to fix; the message says which key and how."""
+
+    label = "config error"
+
+
+class ModelLoadError(UserError):
+    """A model or tokenizer that did not load; the message names the config key and the path or id."""
+
+    label = "model error"
+
+
+@contextlib.contextmanager
+def loading(key: str, name: Optional[str]):
+    """Report a failed load of `name` (given as `key`) as a ModelLoadError naming both. transformers,
+    peft and the Hub client say "not found / cannot read" with OSError or ValueError (transformers 5:
+    a folder without tokenizer files); our own UserErrors pass through unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{key} {name!r} did not load: {' '.join(str(e).split())[:500]}") from e
 
 
 # shared with the reward-model config (llm_rl.reward_training), which loads models the same way
 TRUST_REMOTE_CODE_HELP = "Run model code from the Hub. Off unless you trust the repository."
 TORCH_DTYPE_HELP = "Weights dtype: float32, bfloat16, float16 or auto. Mixed precision comes from accelerate."
+
+
+# accelerate's trackers and the package each needs; `report_to` is checked against them before any model loads
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow", "aim": "aim",
+    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
+}
+REPORT_TO_HELP = "accelerate trackers, comma-separated: none, all, tensorboard, wandb, mlflow, comet_ml, ..."
+
+
+def check_report_to(report_to: str) -> None:
+    """Raise ConfigError for an unknown tracker name or one whose package is not installed."""
+    import importlib.util
+
+    for name in (n.strip() for n in report_to.split(",") if n.strip()):
+        if name in ("none", "all"):
+            continue
+        if name not in TRACKER_PACKAGES:
+            close = difflib.get_close_matches(name, TRACKER_PACKAGES, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"report_to: unknown tracker {name!r}; one of none, all, {', '.join(TRACKER_PACKAGES)}.{hint}")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(
+                f"report_to: {name} is not installed; `pip install {TRACKER_PACKAGES[name]}` or set report_to: none"
+            )
 
 
 @dataclass
@@ -86,6 +141,17 @@ class DataConfig:
         metadata={"help": "Cut over-long prompts from the left instead of failing on them."},
     )
     shuffle: bool = field(default=True, metadata={"help": "Reshuffle prompts every pass (seeded)."})
+    eval_dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Held-out prompts, in the forms dataset_name takes; default: dataset_name when eval_split "
+                          "is set."},
+    )
+    eval_split: Optional[str] = field(
+        default=None, metadata={"help": "Split of the held-out prompts (e.g. test); null: 'train' of eval_dataset_name."}
+    )
+    eval_max_prompts: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate on the first N held-out prompts only (null = all)."}
+    )
 
 
 @dataclass
@@ -128,6 +194,10 @@ class RewardConfig:
     )
     whiten_rewards: bool = field(
         default=False, metadata={"help": "Scale token rewards to unit variance over the batch (mean kept)."}
+    )
+    eval_reward_funcs: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Rewards of the held-out evaluation ('module:function'); null: the training rewards."},
     )
 
 
@@ -206,16 +276,32 @@ class TrainConfig:
     num_train_epochs: float = field(
         default=1.0, metadata={"help": "Passes over the prompts (used when max_updates is not set)."}
     )
-    logging_steps: int = field(default=1, metadata={"help": "Print a summary line every N updates."})
+    logging_steps: int = field(default=10, metadata={"help": "Print a summary line every N updates (and the last)."})
     save_steps: int = field(
-        default=0, metadata={"help": "Write a resumable checkpoint every N updates and at the end (0 = none)."}
+        default=100,
+        metadata={"help": "Write a resumable checkpoint every N updates; one is always written at the end "
+                          "(0 = only at the end)."},
     )
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "'latest' (newest in output_dir, if any) or a checkpoint-N folder."}
     )
-    eval_steps: int = field(default=0, metadata={"help": "Run the evaluation callback every N updates (0 = off)."})
-    report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, tensorboard, wandb, all."})
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "Evaluate on the held-out prompts (and run an eval_fn callback) every N updates and at the "
+                          "end (0 = at the end only)."},
+    )
+    eval_decoding: list[str] = field(
+        default_factory=lambda: ["greedy"],
+        metadata={"help": "How held-out responses are decoded: greedy, sampled (at the training temperature), or both."},
+    )
+    log_completions_steps: int = field(
+        default=0,
+        metadata={"help": "Every N updates write sample completions (prompt, completion, each reward, advantage) to "
+                          "completions.jsonl and the trackers (0 = off)."},
+    )
+    log_completions_count: int = field(default=8, metadata={"help": "Rows per completions table."})
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name."})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process."})
     push_to_hub: bool = field(
@@ -283,6 +369,30 @@ class Config:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
+    @property
+    def eval_dataset(self) -> Optional[tuple[str, str]]:
+        """(name, split) of the held-out prompts, or None when no evaluation set is configured."""
+        d = self.data
+        if d.eval_dataset_name is None and d.eval_split is None:
+            return None
+        return d.eval_dataset_name or d.dataset_name, d.eval_split or "train"
+
+    def check_paths(self) -> None:
+        """Fail at once on a model or dataset path that looks local but does not exist (instead of
+        a minute of Hub retries ending in "couldn't connect"). Not part of `validate`: a config may
+        name a folder that a later step creates (the demo's warm start)."""
+        m, d, r = self.model, self.data, self.reward
+        named = {
+            "model_name_or_path": m.model_name_or_path, "ref_model_name_or_path": m.ref_model_name_or_path,
+            "tokenizer_name_or_path": m.tokenizer_name_or_path, "value_model_name_or_path": m.value_model_name_or_path,
+            "reward_model_name_or_path": r.reward_model_name_or_path,
+            "dataset_name": d.dataset_name, "eval_dataset_name": d.eval_dataset_name,
+        }
+        for key, value in named.items():
+            problem = missing_local_path(value, data=key.endswith("dataset_name"))
+            if problem:
+                raise ConfigError(f"{key}: {problem}")
+
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
         """Check values that the types alone do not constrain; raise ConfigError saying what to fix."""
@@ -339,6 +449,12 @@ class Config:
             (t.save_steps >= 0, "save_steps must be >= 0"),
             (not t.push_to_hub or bool(t.hub_model_id), "push_to_hub needs hub_model_id (e.g. 'user/model-ppo')"),
             (t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
+            (t.eval_steps >= 0, "eval_steps must be >= 0"),
+            (bool(t.eval_decoding) and set(t.eval_decoding) <= {"greedy", "sampled"},
+             "eval_decoding: a list of greedy and/or sampled"),
+            (d.eval_max_prompts is None or d.eval_max_prompts >= 1, "eval_max_prompts must be >= 1 or null"),
+            (t.log_completions_steps >= 0, "log_completions_steps must be >= 0"),
+            (t.log_completions_count >= 1, "log_completions_count must be >= 1"),
             (self.model.lora_r >= 1, "lora_r must be >= 1"),
             (0 <= self.model.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.model.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
@@ -347,15 +463,38 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_report_to(t.report_to)
         n_rewards = int(r.reward_model_name_or_path is not None) + len(r.reward_funcs)
         if r.reward_weights is not None and len(r.reward_weights) != n_rewards:
             raise ConfigError(
                 f"reward_weights has {len(r.reward_weights)} entries but there are {n_rewards} rewards "
                 "(the reward model first, then reward_funcs in order)"
             )
-        for spec in r.reward_funcs:
+        for spec in r.reward_funcs + (r.eval_reward_funcs or []):
             if not isinstance(spec, str) or ":" not in spec:
                 raise ConfigError(f"reward_funcs entry {spec!r} must look like 'package.module:function'")
+
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+
+
+def looks_local(name: str, data: bool = False) -> bool:
+    """A path, not a Hub id: starts with / ./ ../ ~, has more than one '/' (a Hub id has at most
+    one), an OS separator other than '/', or (`data`) a data-file suffix."""
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or (data and name.lower().endswith(DATA_FILE_SUFFIXES))
+    )
+
+
+def missing_local_path(name: Optional[str], data: bool = False) -> Optional[str]:
+    """What is wrong with `name` when it looks like a local path that does not exist; else None."""
+    if name is None or Path(name).exists() or not looks_local(name, data):
+        return None
+    tilde = " (a leading ~ is not expanded in config values: write the full path)" if name.startswith("~") else ""
+    return f"{name} does not exist{tilde}; it looks like a local path, so the Hub was not asked"
 
 
 FIELD_OWNER: dict[str, str] = {}
@@ -370,16 +509,99 @@ for _section, _cls in SECTIONS.items():
         FIELD_HELP[_f.name] = _f.metadata.get("help", "")
 
 
+# Names TRL (PPOConfig, GRPOConfig, RewardConfig, ScriptArguments) and OpenRLHF users type, the key
+# they mean here, and what differs in meaning. Only suggested, never applied: a silent rename could
+# hide such a difference.
+ALIASES: dict[str, tuple[str, str]] = {
+    "per_device_train_batch_size": ("batch_size", "batch_size counts prompts per process per update; each gives "
+                                    "num_generations completions (TRL's GRPO counts completions)"),
+    "rollout_batch_size": ("batch_size", "batch_size is per process: OpenRLHF's rollout_batch_size / processes"),
+    "train_batch_size": ("num_mini_batches", "the optimizer steps num_mini_batches times per epoch over the rollout"),
+    "micro_train_batch_size": ("gradient_accumulation_steps",
+                               "micro-batch size = batch_size * num_generations / (num_mini_batches * "
+                               "gradient_accumulation_steps)"),
+    "max_completion_length": ("max_new_tokens", ""),
+    "response_length": ("max_new_tokens", ""),
+    "generate_max_len": ("max_new_tokens", ""),
+    "prompt_max_len": ("max_prompt_length", ""),
+    "beta": ("kl_coef", "the KL goes into the token rewards by default; kl_placement: loss puts it in the loss "
+                        "like GRPO's beta"),
+    "init_kl_coef": ("kl_coef", ""),
+    "adap_kl_ctrl": ("adaptive_kl", ""),
+    "target_kl": ("kl_target", "a KL per sequence that the adaptive controller steers towards"),
+    "epsilon": ("clip_range", "symmetric: there is no separate epsilon_high"),
+    "cliprange": ("clip_range", ""),
+    "eps_clip": ("clip_range", ""),
+    "cliprange_value": ("clip_range_value", ""),
+    "value_clip": ("clip_range_value", ""),
+    "num_ppo_epochs": ("ppo_epochs", ""),
+    "max_epochs": ("ppo_epochs", "passes over each rollout batch"),
+    "num_iterations": ("ppo_epochs", ""),
+    "lambd": ("lam", ""),
+    "entropy_coef": ("ent_coef", ""),
+    "loss_type": ("loss_agg", "token_mean is DAPO/BNPO-style, seq_mean_token_mean is GRPO-style"),
+    "scale_rewards": ("whiten_advantages", "grpo always divides by the group std"),
+    "n_samples_per_prompt": ("num_generations", ""),
+    "bf16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision bf16`); "
+                            "torch_dtype: bfloat16 loads the weights in bf16"),
+    "fp16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision fp16`)"),
+    "lr": ("learning_rate", ""),
+    "actor_learning_rate": ("learning_rate", "one optimizer trains policy and value head; vf_coef weights the value loss"),
+    "critic_learning_rate": ("vf_coef", "the value head shares the policy's optimizer; vf_coef weights its loss"),
+    "max_norm": ("max_grad_norm", ""),
+    "l2": ("weight_decay", ""),
+    "warmup_ratio": ("warmup_steps", "warmup is counted in optimizer steps, not as a fraction"),
+    "lr_warmup_ratio": ("warmup_steps", "warmup is counted in optimizer steps, not as a fraction"),
+    "total_episodes": ("max_updates", "one update uses batch_size prompts per process"),
+    "max_steps": ("max_updates", "one update = one rollout and its PPO epochs"),
+    "num_episodes": ("num_train_epochs", "passes over the prompts"),
+    "sft_model_path": ("model_name_or_path", ""),
+    "pretrain": ("model_name_or_path", ""),
+    "ref_model_path": ("ref_model_name_or_path", ""),
+    "ref_pretrain": ("ref_model_name_or_path", ""),
+    "reward_model_path": ("reward_model_name_or_path", ""),
+    "reward_pretrain": ("reward_model_name_or_path", ""),
+    "value_model_path": ("value_model_name_or_path", "only a value head (value_head.safetensors) is read from it"),
+    "critic_pretrain": ("value_model_name_or_path", "only a value head (value_head.safetensors) is read from it"),
+    "prompt_data": ("dataset_name", ""),
+    "dataset_train_split": ("dataset_split", ""),
+    "dataset_test_split": ("eval_split", ""),
+    "eval_dataset": ("eval_dataset_name", ""),
+    "input_key": ("prompt_column", ""),
+    "lora_rank": ("lora_r", ""),
+    "target_modules": ("lora_target_modules", ""),
+    "stop_token_id": ("stop_token", "give the token's text"),
+    "save_path": ("output_dir", ""),
+    "ckpt_path": ("output_dir", "checkpoints go to OUTPUT_DIR/checkpoint-N"),
+    "load_checkpoint": ("resume_from_checkpoint", "'latest' or a checkpoint-N folder"),
+    "logging_first_step": ("logging_steps", ""),
+    "log_completions": ("log_completions_steps", "every N updates instead of a switch"),
+    "use_wandb": ("report_to", "report_to: wandb"),
+    "wandb_project": ("run_name", "the project comes from WANDB_PROJECT"),
+}
+
+
+def alias_hint(key: str, candidates: list[str], aliases: dict[str, tuple[str, str]]) -> Optional[str]:
+    """' Did you mean X? (note)' for a TRL/OpenRLHF name whose counterpart is among `candidates`."""
+    target, note = aliases.get(key, (None, ""))
+    if target not in candidates:
+        return None
+    return f" Did you mean {target}?{f' Note: {note}.' if note else ''}"
+
+
 def unknown_key_message(
     key: str, source: str, section: Optional[str] = None, candidates: Optional[list[str]] = None,
-    help_command: str = "llm-rl ppo --help",
+    help_command: str = "llm-rl ppo --help", aliases: Optional[dict[str, tuple[str, str]]] = None,
 ) -> str:
-    """'unknown key' naming the closest valid keys (of a section, or of `candidates`)."""
+    """'unknown key' naming the key meant (TRL/OpenRLHF names, `aliases`), or the closest valid keys
+    (of a section, or of `candidates`)."""
     if candidates is None:
         candidates = [k for k, s in FIELD_OWNER.items() if section is None or s == section]
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     where = f" in section '{section}'" if section else ""
-    hint = f" Did you mean: {', '.join(close)}?" if close else f" Run `{help_command}` for the list of keys."
+    hint = alias_hint(key, candidates, ALIASES if aliases is None else aliases)
+    if hint is None:
+        hint = f" Did you mean: {', '.join(close)}?" if close else f" Run `{help_command}` for the list of keys."
     return f"{source}: unknown key '{key}'{where}.{hint}"
 
 
@@ -435,9 +657,15 @@ def fill_from_yaml(config, path: Optional[str | Path], overrides: Optional[list[
     if path is not None:
         config.update(load_yaml(path), source=str(path))
     if overrides:
-        config.update(parse_overrides(overrides), source="command line")
+        bools = frozenset(k for k, t in field_types(config).items() if t is bool)
+        config.update(parse_overrides(overrides, bools), source="command line")
     config.validate()
     return config
+
+
+def field_types(config) -> dict[str, Any]:
+    """Every key of a config (the PPO Config or a flat dataclass such as the reward-model config) and its type."""
+    return FIELD_TYPES if isinstance(config, Config) else typing.get_type_hints(type(config))
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -455,27 +683,53 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """`['--lr', '1e-5', '--flag=true']` -> {'lr': 1e-5, 'flag': True}; values parsed as YAML scalars."""
+def split_config_arg(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """(path of `--config FILE` or `--config=FILE`, wherever it stands; the other arguments)."""
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return path, rest
+
+
+def parse_overrides(args: list[str], bool_keys: frozenset[str] = frozenset()) -> dict:
+    """Command-line overrides as TrlParser users type them, values parsed as YAML scalars:
+
+    `--lr 1e-5` and `--lr=1e-5`; `--flag` (true) and `--no_flag` (false, for a boolean in
+    `bool_keys`); `--reward_funcs a b` (several values make a list).
+    """
     values, i = {}, 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
             raise ConfigError(f"command line: expected --key value, got {arg!r}")
-        key = arg[2:]
+        key, i = arg[2:], i + 1
         if "=" in key:
             key, raw = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            raw, i = args[i + 1], i + 2
+            raws = [raw]
         else:
-            raw, i = "true", i + 1  # a bare flag switches a boolean on
+            raws = []
+            while i < len(args) and not args[i].startswith("--"):
+                raws.append(args[i])
+                i += 1
         key = key.replace("-", "_")
-        try:
-            values[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            values[key] = raw
+        if not raws and key.startswith("no_") and key[3:] in bool_keys:
+            key, raws = key[3:], ["false"]
+        parsed = [yaml_scalar(raw) for raw in raws or ["true"]]  # a bare flag switches a boolean on
+        values[key] = parsed[0] if len(parsed) == 1 else parsed
     return values
+
+
+def yaml_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def format_help() -> str:

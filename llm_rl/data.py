@@ -13,11 +13,15 @@ from typing import Optional
 
 import torch
 
+from llm_rl.config import UserError, missing_local_path
+
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset problem a user has to fix; the message names the dataset and the fix."""
+
+    label = "data error"
 
 
 def load_prompt_dataset(name: str, split: str = "train", config_name: Optional[str] = None):
@@ -25,13 +29,35 @@ def load_prompt_dataset(name: str, split: str = "train", config_name: Optional[s
     import datasets
 
     path = Path(name)
+    problem = missing_local_path(name, data=True)
+    if problem:
+        raise DataError(problem)
     if path.suffix.lower() in LOCAL_FORMATS:
-        if not path.is_file():
-            raise DataError(f"dataset file not found: {path}")
-        return datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        return load_data_file(path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(path))
     return datasets.load_dataset(name, config_name, split=split)
+
+
+def load_data_file(path: Path):
+    """A json/jsonl/csv/parquet file as a Dataset; an empty or header-only file is a DataError naming it."""
+    import datasets
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty (0 bytes); it needs one row per prompt")
+    no_rows = DataError(f"{path} has no rows (at most a header); it needs one row per prompt")
+    try:
+        dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+    except Exception as e:  # datasets reports parse errors as several exception types
+        if path.suffix.lower() != ".parquet":  # datasets says "no data" for blank lines or a header alone
+            lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+            if len(lines) <= (1 if path.suffix.lower() == ".csv" else 0):
+                raise no_rows from e
+        reason = " ".join(str(e).split())[:300]
+        raise DataError(f"{path} cannot be read as {path.suffix} ({type(e).__name__}: {reason})") from e
+    if len(dataset) == 0:
+        raise no_rows
+    return dataset
 
 
 def render_prompt(value, tokenizer, column: str, row: int) -> str:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 
+from llm_rl import run_dir
 from llm_rl.config import Config
 from llm_rl.kl import kl_penalty
 from llm_rl.modeling import CausalLMWithValueHead
@@ -103,7 +104,7 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     train, heldout = arithmetic.make_splits(options.num_digits, 10 ** (2 * options.num_digits) - options.num_heldout,
                                             options.num_heldout, seed=options.seed)
     if accelerator.is_main_process and not resuming:
-        if (out_dir / "metrics.jsonl").exists() and not options.overwrite:
+        if run_dir.completed_work(out_dir) and not options.overwrite:
             raise SystemExit(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
                              "or another --output_dir")
         print(f"[demo] warm start: supervised steps on {options.num_digits}-digit addition until "

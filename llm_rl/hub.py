@@ -1,8 +1,11 @@
-"""Model card and Hub upload of what the trainer saved.
+"""Model cards and Hub upload of what the trainer saved.
 
 The output folder already holds what users load: the policy as a plain causal LM (or a peft
-adapter), tokenizer, generation config, value head and the config used. The card adds what a
-reader of the Hub page needs: base model, data, reward, hyper-parameters, final metrics.
+adapter), tokenizer, generation config, the value head when one was trained, and the config used.
+The card adds what a reader of the Hub page needs: base model, data, reward, method, metrics.
+Cards are built with huggingface_hub's `ModelCard`/`ModelCardData`, and their metadata holds
+only what the Hub accepts: `base_model` and `datasets` are given only when they are Hub ids
+(a local path there makes the Hub reject the upload).
 """
 
 from __future__ import annotations
@@ -13,69 +16,106 @@ from typing import Optional
 import yaml
 
 import llm_rl
-from llm_rl.config import Config
+from llm_rl.config import CRITIC_FREE, Config, looks_local
 
 CARD_METRICS = ("score/mean", "kl/per_sequence", "entropy", "response/length", "response/eos_rate")
+ESTIMATOR_TEXT = {
+    "gae": "GAE(gamma, lam) advantages from a value head on the policy's backbone, clipped policy and value losses",
+    "grpo": "group-normalised (GRPO) advantages over the completions of each prompt, no value head, clipped policy loss",
+    "rloo": "leave-one-out (RLOO) advantages over the completions of each prompt, no value head, clipped policy loss",
+    "reinforce_pp": "REINFORCE++ advantages (discounted returns whitened over the batch), no value head, clipped "
+                    "policy loss",
+    "prefix_diff": "per-token advantages from differences of the reward model's prefix scores, no value head, "
+                   "clipped policy loss",
+}
 
 
-def model_card(config: Config, final_metrics: Optional[dict] = None) -> str:
-    """README.md text with YAML front matter the Hub indexes (library, base model, tags, datasets)."""
-    m, d, r = config.model, config.data, config.reward
+def hub_id(name: Optional[str], data: bool = False) -> Optional[str]:
+    """`name` if it can be a Hub repo id (not a local path, valid id syntax), else None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or looks_local(name, data) or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def build_card(front: dict, body: str):
+    """A `ModelCard` from metadata (None values left out) and markdown."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(**{k: v for k, v in front.items() if v is not None})
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def metric_table(metrics: dict, keys) -> str:
+    rows = "\n".join(f"| `{k}` | {metrics[k]:.4g} |" for k in keys if isinstance(metrics.get(k), (int, float)))
+    return f"| metric | value |\n|---|---|\n{rows}" if rows else "(none logged)"
+
+
+def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: str = ""):
+    """The PPO policy's card: Hub metadata, a description that matches the run, final and held-out metrics."""
+    m, d, r, p = config.model, config.data, config.reward, config.ppo
+    adapter = m.use_peft and not m.merge_adapter
+    base, dataset = hub_id(m.model_name_or_path), hub_id(d.dataset_name, data=True)
+    front = {
+        "library_name": "peft" if adapter else "transformers",
+        "base_model": base,
+        "datasets": [dataset] if dataset else None,
+        "tags": ["llm_rl", "ppo", p.advantage_estimator, "reinforcement-learning", "rlhf"],
+        "pipeline_tag": "text-generation",
+    }
     rewards = ([f"reward model `{r.reward_model_name_or_path}`"] if r.reward_model_name_or_path else []) + [
         f"`{spec}`" for spec in r.reward_funcs
     ]
-    front = {
-        "library_name": "peft" if m.use_peft and not m.merge_adapter else "transformers",
-        "base_model": m.model_name_or_path,
-        "tags": ["llm_rl", "ppo", "reinforcement-learning", "rlhf"],
-        "pipeline_tag": "text-generation",
-    }
-    if d.dataset_name and not Path(d.dataset_name).exists():
-        front["datasets"] = [d.dataset_name]  # only Hub ids; a local file name means nothing on the Hub
+    kl = "a KL penalty to the reference in the loss" if p.kl_placement == "loss" else (
+        "a KL penalty to the reference on every token's reward, the sequence score on the last token")
+    value_head = p.advantage_estimator not in CRITIC_FREE
+    saved = ("a LoRA adapter (peft)" if adapter else "a plain causal LM") + (
+        ", plus `value_head.safetensors` (the value head, for resuming PPO)" if value_head else "")
+    repo = repo_id or "REPO_ID"
+    load = (f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained({repo!r})"
+            if adapter else
+            f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({repo!r})")
     metrics = final_metrics or {}
-    metric_rows = "\n".join(f"| `{k}` | {metrics[k]:.4g} |" for k in CARD_METRICS if k in metrics)
-    metric_rows += "".join(f"\n| `{k}` | {v:.4g} |" for k, v in metrics.items() if k.startswith("eval/"))
-    saved = "a LoRA adapter (peft)" if front["library_name"] == "peft" else "a plain causal LM"
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
+    eval_keys = [k for k in metrics if k.startswith("eval/")]
+    evaluation = f"\n## Held-out evaluation (last)\n\n{metric_table(metrics, eval_keys)}\n" if eval_keys else ""
+    body = f"""# {Path(config.train.output_dir).name}
 
-# {Path(config.train.output_dir).name}
-
-Fine-tuned from `{m.model_name_or_path}` with PPO by [llm_rl](https://pypi.org/project/llm_rl/) {llm_rl.__version__}:
-token-level rewards (KL penalty to the reference on every token, the sequence score on the last one),
-GAE advantages, clipped policy and value losses.
+Fine-tuned from `{m.model_name_or_path}` by [llm_rl](https://pypi.org/project/llm_rl/) {llm_rl.__version__}
+with token-level PPO: {kl}; {ESTIMATOR_TEXT[p.advantage_estimator]}.
 
 - prompts: `{d.dataset_name}` (split `{d.dataset_split}`, column `{d.prompt_column}`)
 - reward: {", ".join(rewards) or "none"}
-- saved: {saved}, plus `value_head.safetensors` (the value head, for resuming PPO)
+- saved: {saved}
 
 ## Use
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("REPO_ID")
-tokenizer = AutoTokenizer.from_pretrained("REPO_ID")
+{load}
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained({repo!r})
 ```
 
 ## Final metrics (last PPO update)
 
-| metric | value |
-|---|---|
-{metric_rows}
-
+{metric_table(metrics, CARD_METRICS)}
+{evaluation}
 ## Training configuration
 
 ```yaml
 {yaml.safe_dump(config.to_dict(), sort_keys=False).strip()}
 ```
 """
+    return build_card(front, body)
 
 
 def write_model_card(directory: Path, config: Config, final_metrics: Optional[dict] = None, repo_id: str = "") -> Path:
     path = Path(directory) / "README.md"
-    text = model_card(config, final_metrics)
-    path.write_text(text.replace("REPO_ID", repo_id or str(directory)))
+    model_card(config, final_metrics, repo_id or str(directory)).save(path)
     return path
 
 

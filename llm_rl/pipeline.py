@@ -11,7 +11,7 @@ from typing import Optional
 
 from accelerate.utils import set_seed
 
-from llm_rl.config import CRITIC_FREE, Config, ConfigError
+from llm_rl.config import CRITIC_FREE, Config, ConfigError, loading
 from llm_rl.data import PromptData, load_prompt_dataset
 from llm_rl.modeling import CausalLMWithValueHead
 from llm_rl.rewards import RewardModel, load_reward_function
@@ -116,19 +116,45 @@ def load_prompts(config: Config, tokenizer) -> PromptData:
     return PromptData(dataset, tokenizer, d.prompt_column, d.max_prompt_length, d.truncate_prompts)
 
 
+def load_eval_prompts(config: Config, tokenizer) -> Optional[PromptData]:
+    """The held-out prompts (`eval_dataset_name` / `eval_split`), or None when none are configured."""
+    if config.eval_dataset is None:
+        return None
+    name, split = config.eval_dataset
+    d = config.data
+    dataset = load_prompt_dataset(name, split, d.dataset_config if name == d.dataset_name else None)
+    if d.eval_max_prompts is not None and len(dataset) > d.eval_max_prompts:
+        dataset = dataset.select(range(d.eval_max_prompts))
+    return PromptData(dataset, tokenizer, d.prompt_column, d.max_prompt_length, d.truncate_prompts)
+
+
+def load_eval_rewards(config: Config) -> Optional[list]:
+    """The eval reward functions, or None: evaluation then uses the training rewards."""
+    specs = config.reward.eval_reward_funcs
+    return [load_reward_function(spec) for spec in specs] if specs else None
+
+
 def run_ppo(config: Config, eval_fn: Optional[Callable] = None):
     """Load everything the config names and train; returns the trainer and per-update metrics."""
     from llm_rl.trainer import PPOTrainer
 
     config.validate()
+    config.check_paths()
     set_seed(config.train.seed)  # identical initial weights (value head) on every process
     m = config.model
-    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code)
-    rewards = load_rewards(config)
+    tokenizer_name = m.tokenizer_name_or_path or m.model_name_or_path
+    with loading("tokenizer_name_or_path" if m.tokenizer_name_or_path else "model_name_or_path", tokenizer_name):
+        tokenizer = load_tokenizer(tokenizer_name, m.trust_remote_code)
+    with loading("reward_model_name_or_path", config.reward.reward_model_name_or_path):
+        rewards = load_rewards(config)
     prompts = load_prompts(config, tokenizer)
-    policy = load_policy(config, tokenizer)
+    with loading("model_name_or_path", m.model_name_or_path):
+        policy = load_policy(config, tokenizer)
+    with loading("ref_model_name_or_path", m.ref_model_name_or_path):
+        reference = load_reference(config, tokenizer)
     trainer = PPOTrainer(
-        config, policy, tokenizer, prompts, rewards, ref_model=load_reference(config, tokenizer), eval_fn=eval_fn
+        config, policy, tokenizer, prompts, rewards, ref_model=reference, eval_fn=eval_fn,
+        eval_prompts=load_eval_prompts(config, tokenizer), eval_rewards=load_eval_rewards(config),
     )
     history = trainer.train()
     return trainer, history

@@ -11,8 +11,16 @@ PANELS = [
     ("kl/per_sequence", "KL to reference (per sequence)"),
     ("entropy", "entropy (per token)"),
     ("loss/value", "value loss"),
-    ("eval/accuracy", "held-out accuracy"),
+    ("eval/accuracy", "held-out accuracy"),  # the demo's evaluation callback
 ]
+
+
+def curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """(metric, title) of every panel with data: the fixed ones, then eval/<decoding>/score of the
+    config-driven evaluation (llm_rl.evaluation)."""
+    panels = [(k, title) for k, title in PANELS if any(k in r for r in rows)]
+    eval_scores = dict.fromkeys(k for r in rows for k in r if k.startswith("eval/") and k.endswith("/score"))
+    return panels + [(k, f"held-out score ({k.split('/')[1]})") for k in eval_scores]
 
 
 def plot_training_curves(metrics_file: str | Path, png_file: str | Path) -> Path:
@@ -23,7 +31,7 @@ def plot_training_curves(metrics_file: str | Path, png_file: str | Path) -> Path
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_file)
-    panels = [(k, title) for k, title in PANELS if any(k in r for r in rows)]
+    panels = curve_panels(rows)
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 3.0), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         points = [(r["update"], r[key]) for r in rows if key in r]

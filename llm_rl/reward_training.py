@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -28,12 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_rl import run_dir
 from llm_rl.config import (
+    ALIASES,
+    REPORT_TO_HELP,
     TORCH_DTYPE_HELP,
     TRUST_REMOTE_CODE_HELP,
     ConfigError,
+    check_report_to,
     coerce,
     fill_from_yaml,
+    loading,
+    missing_local_path,
+    split_config_arg,
     unknown_key_message,
 )
 from llm_rl.metrics import reduce_scalars
@@ -148,7 +154,7 @@ class RewardTrainingConfig:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a folder that already holds another run."}
     )
-    report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, tensorboard, wandb, all."})
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process."})
     # ---- LoRA
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (and the score head) instead of all weights."})
@@ -178,7 +184,8 @@ class RewardTrainingConfig:
         for key, value in (values or {}).items():
             if key not in hints:
                 raise ConfigError(
-                    unknown_key_message(key, source, candidates=list(hints), help_command="llm-rl reward train --help")
+                    unknown_key_message(key, source, candidates=list(hints), help_command="llm-rl reward train --help",
+                                        aliases=REWARD_ALIASES)
                 )
             setattr(self, key, coerce(value, hints[key], key, source))
 
@@ -223,9 +230,18 @@ class RewardTrainingConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_report_to(self.report_to)
 
 
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+# TRL RewardConfig / OpenRLHF names: the PPO table, with this config's meaning of batch_size
+REWARD_ALIASES = {
+    **ALIASES,
+    "per_device_train_batch_size": ("batch_size", "batch_size counts pairs per process per forward"),
+    "micro_train_batch_size": ("batch_size", "batch_size counts pairs per process per forward"),
+    "center_rewards_coefficient": ("center_coef", ""),
+    "max_len": ("max_length", ""),
+}
 
 
 def format_help() -> str:
@@ -427,16 +443,22 @@ def train_reward_model(config: RewardTrainingConfig) -> dict:
     from transformers import get_scheduler
 
     config.validate()
+    for key in ("model_name_or_path", "dataset_name", "eval_split"):
+        problem = missing_local_path(getattr(config, key), data=key != "model_name_or_path")
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=config.output_dir,
     )
     output_dir = Path(config.output_dir)
-    check_output_dir(accelerator, output_dir, config.overwrite_output_dir)
+    run_dir.prepare(accelerator, output_dir, config.overwrite_output_dir, resuming=False, resumable=False,
+                    extra=("llm_rl_reward",))
     set_seed(config.seed)  # the score head starts identical on every process
 
-    model, tokenizer, resized = load_reward_model(config)
+    with loading("model_name_or_path", config.model_name_or_path):
+        model, tokenizer, resized = load_reward_model(config)
     if config.use_peft:
         model = apply_lora(model, config)
     train_data, eval_data = load_preference_splits(config)
@@ -560,20 +582,6 @@ def log_metrics(accelerator, metrics: dict, metrics_file: Path, bar, trackers: b
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
-def check_output_dir(accelerator, output_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder holding another run; then the main process starts a fresh metrics.jsonl."""
-    metrics = output_dir / "metrics.jsonl"
-    taken = metrics.exists() and not overwrite
-    accelerator.wait_for_everyone()  # every process looks before the main process writes
-    if taken:
-        raise ConfigError(
-            f"{output_dir} already holds a run (metrics.jsonl); choose another output_dir or set overwrite_output_dir: true"
-        )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metrics.write_text("")
-
-
 def save_reward_model(accelerator, scorer, tokenizer, config: RewardTrainingConfig, resized: bool, metrics: dict) -> None:
     """Model (safetensors; LoRA adapter or merged model with use_peft), tokenizer, config and a model card.
 
@@ -595,12 +603,15 @@ def save_reward_model(accelerator, scorer, tokenizer, config: RewardTrainingConf
         tokenizer.save_pretrained(output_dir)
         config.save_yaml(output_dir / CONFIG_FILE)
         (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (output_dir / "README.md").write_text(model_card(config, metrics))
+        model_card(config, metrics).save(output_dir / "README.md")
     accelerator.wait_for_everyone()
 
 
-def model_card(config: RewardTrainingConfig, metrics: dict) -> str:
-    """README.md for the output folder (and the Hub page): base model, data, how to load, held-out metrics."""
+def model_card(config: RewardTrainingConfig, metrics: dict):
+    """The card of the output folder (and the Hub page): base model, data, how to load, held-out metrics;
+    Hub metadata through `llm_rl.hub.build_card` (base_model and datasets only when they are Hub ids)."""
+    from llm_rl.hub import build_card, hub_id, metric_table
+
     adapter = config.use_peft and not config.merge_adapter
     repo = config.hub_model_id or config.output_dir
     load = (
@@ -610,15 +621,23 @@ def model_card(config: RewardTrainingConfig, metrics: dict) -> str:
         else "from transformers import AutoModelForSequenceClassification\n"
         f"model = AutoModelForSequenceClassification.from_pretrained({repo!r})"
     )
-    results = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if k.startswith("eval/"))
-    return (
-        "---\nlibrary_name: transformers\ntags: [reward-model, llm_rl]\n---\n\n"
+    dataset = hub_id(config.dataset_name, data=True)
+    front = {
+        "library_name": "peft" if adapter else "transformers",
+        "base_model": hub_id(config.model_name_or_path),
+        "datasets": [dataset] if dataset else None,
+        "tags": ["llm_rl", "reward-model"],
+        "pipeline_tag": "text-classification",
+    }
+    eval_keys = [k for k in metrics if k.startswith("eval/")]
+    body = (
         f"# Reward model trained with llm_rl\n\nBase model: `{config.model_name_or_path}`; pairs: "
         f"`{config.dataset_name}`; {'LoRA adapter' if adapter else 'full weights'}, one output (the reward), "
-        "read at the last token of prompt + completion.\n\n"
-        f"```python\n{load}\n```\n\n| held-out metric | value |\n|---|---|\n{results}\n\n"
+        "read at the last token of prompt + completion, trained with the Bradley-Terry pairwise loss.\n\n"
+        f"```python\n{load}\n```\n\n## Held-out pairs\n\n{metric_table(metrics, eval_keys)}\n\n"
         f"Training options: `{CONFIG_FILE}`; metrics per step: `metrics.jsonl`.\n"
     )
+    return build_card(front, body)
 
 
 # ====================================================================== command line
@@ -627,17 +646,6 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n\nkeys:\n" + format_help())
         return 0
-    config_path = None
-    if argv and argv[0] == "--config" and len(argv) > 1:
-        config_path, argv = argv[1], argv[2:]
-    elif argv and argv[0].startswith("--config="):
-        config_path, argv = argv[0].split("=", 1)[1], argv[1:]
-    from llm_rl.data import DataError
-
-    config = RewardTrainingConfig.from_yaml(config_path, argv)
-    try:
-        train_reward_model(config)
-    except DataError as e:
-        print(f"llm-rl reward train: data error: {e}", file=sys.stderr)
-        return 2
+    config = RewardTrainingConfig.from_yaml(*split_config_arg(argv))
+    train_reward_model(config)
     return 0

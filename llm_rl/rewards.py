@@ -13,20 +13,22 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from llm_rl.config import UserError
 from llm_rl.modeling import DTYPES
 
 RewardFn = Callable[..., Sequence[float]]
 
 
-class RewardError(ValueError):
+class RewardError(UserError):
     """A reward returned something unusable; the message names the reward."""
 
+    label = "reward error"
 
 def load_reward_function(spec: str) -> RewardFn:
     """'package.module:function' or 'path/to/file.py:function' -> the callable."""
@@ -51,12 +53,46 @@ def load_reward_function(spec: str) -> RewardFn:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RewardError(f"reward function {spec!r}: {module_name} has no callable {attr!r}")
-    fn.__reward_name__ = spec
+    fn.__reward_name__ = attr  # metrics say reward/exact_match, not reward/path/to/file.py:exact_match
     return fn
 
 
 def reward_name(fn: RewardFn) -> str:
     return getattr(fn, "__reward_name__", getattr(fn, "__name__", type(fn).__name__))
+
+
+def check_rewards(rewards: Sequence[RewardFn], columns: Sequence[str]) -> None:
+    """Catch at load, before the first generation, what would otherwise fail after it: two rewards
+    with one name (their metrics would collide), and a reward that cannot be called as
+    `fn(prompts, completions, **columns)` with this dataset's other columns."""
+    names = [reward_name(fn) for fn in rewards]
+    for name in names:
+        if names.count(name) > 1:
+            raise RewardError(f"two rewards are named {name!r} and would share the metric reward/{name}; "
+                              "rename one of the functions")
+    for fn in rewards:
+        check_signature(fn, list(columns))
+
+
+def check_signature(fn: RewardFn, columns: list[str]) -> None:
+    """Bind `fn`'s signature to (prompts, completions, **columns); RewardError listing both if it fails."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): found when called
+        return
+    keywords = dict.fromkeys(columns, [])
+    for optional in ("completion_ids", "prompt_messages"):  # what compute_rewards adds for rewards that take it
+        if optional not in keywords and accepts(fn, optional):
+            keywords[optional] = []
+    try:
+        signature.bind([], [], **keywords)
+    except TypeError as e:
+        name = reward_name(fn)
+        raise RewardError(
+            f"reward {name!r} is called as {name}(prompts, completions, **columns) with the dataset's other columns "
+            f"{columns}, but {e} (its parameters: {', '.join(signature.parameters)}); name the columns it needs "
+            "and add **kwargs for the rest"
+        ) from e
 
 
 def uses_last_token_head(model) -> bool:
@@ -120,7 +156,7 @@ class RewardModel:
         tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_length = batch_size, max_length
-        self.__reward_name__ = getattr(model.config, "_name_or_path", None) or "reward_model"
+        self.__reward_name__ = Path(getattr(model.config, "_name_or_path", None) or "reward_model").name
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, trust_remote_code: bool = False, torch_dtype: str = "float32",
@@ -167,6 +203,7 @@ class RewardResult:
     token_scores: Optional[torch.Tensor]  # (batch, resp_len) weighted sum of the token-level rewards, or None
     valid: torch.Tensor  # (batch,) bool: every reward gave a usable value for this row
     means: dict  # reward name -> mean over valid rows (per sequence; token rewards summed per sequence)
+    rows: dict = field(default_factory=dict)  # reward name -> (batch,) its value per row (NaN where unusable)
 
 
 @torch.no_grad()
@@ -198,6 +235,7 @@ def compute_rewards(
     columns: dict,
     completion_ids: Optional[list[list[int]]] = None,
     skip_invalid: bool = False,
+    prompt_messages: Optional[list] = None,
 ) -> RewardResult:
     """Call every reward and combine their outputs with `weights`.
 
@@ -209,16 +247,17 @@ def compute_rewards(
     whole output is unusable) and contribute 0.
     """
     weights = weights if weights is not None else [1.0] * len(rewards)
+    optional = {"completion_ids": completion_ids, "prompt_messages": prompt_messages}  # for rewards that take them
     n = len(completions)
     lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else None
     resp_len = max(lengths, default=0) if lengths else 0
     scores = torch.zeros(n, dtype=torch.float32)
     token_scores = None
     valid = torch.ones(n, dtype=torch.bool)
-    means = {}
+    means, rows = {}, {}
     for fn, weight in zip(rewards, weights):
         name = reward_name(fn)
-        extra = {"completion_ids": completion_ids} if completion_ids is not None and accepts(fn, "completion_ids") else {}
+        extra = {k: v for k, v in optional.items() if v is not None and accepts(fn, k)}
         try:
             try:
                 out = fn(prompts, completions, **columns, **extra)
@@ -243,9 +282,10 @@ def compute_rewards(
             per_row = torch.where(finite, clean.sum(dim=1), torch.full((n,), float("nan")))
         valid &= finite
         means[name] = float(per_row[finite].mean()) if finite.any() else 0.0
+        rows[name] = per_row
     if token_scores is not None:
         token_scores = token_scores * valid[:, None]
-    return RewardResult(scores * valid, token_scores, valid, means)
+    return RewardResult(scores * valid, token_scores, valid, means, rows)
 
 
 def accepts(fn, keyword: str) -> bool:

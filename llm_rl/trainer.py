@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llm_rl import checkpoint
+from llm_rl import checkpoint, run_dir
 from llm_rl.advantages import (
     compute_gae,
     grpo_advantages,
@@ -38,14 +38,23 @@ from llm_rl.advantages import (
 )
 from llm_rl.config import CRITIC_FREE, Config, ConfigError
 from llm_rl.data import PromptData, PromptSampler
+from llm_rl.evaluation import Evaluator
 from llm_rl.hub import push_folder, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from llm_rl.losses import aggregate_loss, loss_normalizer, policy_loss, value_loss
-from llm_rl.metrics import read_metrics, reduce_scalars
+from llm_rl.metrics import log_table, read_metrics, reduce_scalars, write_completions
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
 from llm_rl.ops import entropy_from_logits, masked_whiten
 from llm_rl.plotting import plot_training_curves
-from llm_rl.rewards import RewardFn, RewardModel, compute_rewards, prefix_scores, shape_scores, token_rewards
+from llm_rl.rewards import (
+    RewardFn,
+    RewardModel,
+    check_rewards,
+    compute_rewards,
+    prefix_scores,
+    shape_scores,
+    token_rewards,
+)
 from llm_rl.rollout import Rollout, decode_responses, forward_logprobs, generate_responses, score_tokens
 
 RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
@@ -72,10 +81,18 @@ class PPOTrainer:
         ref_model: Optional[CausalLMWithValueHead] = None,
         accelerator: Optional[Accelerator] = None,
         eval_fn: Optional[Callable[[PPOTrainer], dict]] = None,
+        eval_prompts: Optional[PromptData] = None,
+        eval_rewards: Optional[list[RewardFn]] = None,
     ):
         config.validate()
         if not rewards:
             raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs")
+        check_rewards(rewards, list(prompts.columns))
+        self.evaluator = None
+        if eval_prompts is not None:  # the training rewards and weights unless eval rewards are given
+            check_rewards(eval_rewards or rewards, list(eval_prompts.columns))
+            weights = None if eval_rewards else config.reward.reward_weights
+            self.evaluator = Evaluator(eval_prompts, eval_rewards or rewards, weights, config.train.eval_decoding)
         self.config, self.tokenizer, self.prompts, self.rewards, self.eval_fn = (
             config, tokenizer, prompts, rewards, eval_fn
         )
@@ -159,22 +176,23 @@ class PPOTrainer:
 
     # ================================================================== setup helpers
     def _check_output_dir(self) -> None:
-        """Refuse to mix two runs in one folder, unless resuming or told to overwrite."""
+        """Refuse to mix two runs in one folder, unless resuming or told to overwrite (`llm_rl.run_dir`)."""
         cfg_t = self.config.train
         self.resume_path = None
         if cfg_t.resume_from_checkpoint is not None:
             self.resume_path = checkpoint.resolve_checkpoint(cfg_t.resume_from_checkpoint, self.output_dir)
-        metrics = self.output_dir / "metrics.jsonl"
-        if self.resume_path is None and metrics.exists() and not cfg_t.overwrite_output_dir:
-            raise ConfigError(
-                f"{self.output_dir} already holds a run (metrics.jsonl); resume it with "
-                "resume_from_checkpoint: latest, choose another output_dir, or set overwrite_output_dir: true"
-            )
-        self.accelerator.wait_for_everyone()  # every rank has looked before the main process writes
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if self.resume_path is None:
-                metrics.write_text("")
+            if self.resume_path is None and run_dir.completed_work(self.output_dir) and not cfg_t.overwrite_output_dir:
+                raise ConfigError(
+                    f"resume_from_checkpoint: latest found no checkpoint in {self.output_dir}, which holds a run "
+                    "without one; set overwrite_output_dir: true to start over, or choose another output_dir"
+                )
+        run_dir.prepare(self.accelerator, self.output_dir, cfg_t.overwrite_output_dir,
+                        resuming=self.resume_path is not None, extra=(self.tracker_run_name,))
+
+    @property
+    def tracker_run_name(self) -> str:
+        """The trackers' run name; tensorboard writes under OUTPUT_DIR/<this name>."""
+        return self.config.train.run_name or "llm_rl"
 
     def _stop_token_ids(self) -> list[int]:
         ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -214,7 +232,7 @@ class PPOTrainer:
         """Run `num_updates` PPO updates; returns the per-update metrics."""
         acc, cfg_t = self.accelerator, self.config.train
         if cfg_t.report_to != "none":
-            acc.init_trackers(cfg_t.run_name or "llm_rl", config=flat_config(self.config))
+            acc.init_trackers(self.tracker_run_name, config=flat_config(self.config))
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
         history = []
@@ -250,20 +268,19 @@ class PPOTrainer:
             metrics["time/update"] = time.perf_counter() - start
             metrics["time/elapsed"] = time.perf_counter() - train_start - eval_seconds
             metrics["tokens_per_second"] = metrics["response/tokens"] / metrics["time/update"]
-            if self.eval_fn is not None and cfg_t.eval_steps and (
-                self.update % cfg_t.eval_steps == 0 or self.update == self.num_updates
-            ):
+            if self.due(cfg_t.eval_steps, at_end=True):
                 t0 = time.perf_counter()
-                metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self).items()})
+                metrics.update(self.evaluate())
                 eval_seconds += time.perf_counter() - t0
             metrics = {"update": self.update, **metrics}
             history.append(metrics)
             self.log(metrics, bar)
+            if cfg_t.log_completions_steps and self.due(cfg_t.log_completions_steps, at_end=False):
+                self.log_completions(rollout)
             out_of_time = cfg_t.max_seconds is not None and self.global_mean(
                 {"elapsed": torch.tensor(metrics["time/elapsed"])})["elapsed"] > cfg_t.max_seconds  # ranks agree
-            if cfg_t.save_steps and (
-                self.update % cfg_t.save_steps == 0 or self.update == self.num_updates or out_of_time
-            ):
+            periodic = cfg_t.save_steps and self.update % cfg_t.save_steps == 0
+            if periodic or self.update == self.num_updates or out_of_time:
                 self.save_checkpoint()
             if out_of_time:
                 break
@@ -280,6 +297,18 @@ class PPOTrainer:
         if cfg_t.report_to != "none":
             acc.end_training()
         return history
+
+    def due(self, every: int, at_end: bool) -> bool:
+        """Whether something done every `every` updates (0: never, or only at the end) is due now."""
+        return bool(every and self.update % every == 0) or (at_end and self.update == self.num_updates)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out numbers under eval/: the config's evaluation set (`llm_rl.evaluation`), then an
+        eval_fn callback's. Empty when neither is there."""
+        out = self.evaluator(self) if self.evaluator is not None else {}
+        if self.eval_fn is not None:
+            out.update({f"eval/{k}": v for k, v in self.eval_fn(self).items()})
+        return out
 
     # ================================================================== phases
     @torch.no_grad()
@@ -346,6 +375,7 @@ class PPOTrainer:
             self.rewards, cfg_r.reward_weights, rollout.prompts, rollout.completions, rollout.columns,
             completion_ids=completion_ids, skip_invalid=cfg_r.skip_invalid_rewards,
         )
+        rollout.reward_values = result.rows
         valid = result.valid.to(device)
         # a dropped sample keeps no response tokens: no reward, no KL, no loss
         rollout.response_mask = rollout.response_mask * valid[:, None].long()
@@ -638,6 +668,23 @@ class PPOTrainer:
             if self.update % self.config.train.logging_steps == 0 or self.update == self.num_updates:
                 bar.write(summary_line(metrics))
 
+    def log_completions(self, rollout: Rollout) -> None:
+        """The first log_completions_count samples of this process's rollout (prompt, completion, each
+        reward, mean advantage over the response tokens) to completions.jsonl and the trackers."""
+        if not self.accelerator.is_main_process:
+            return
+        count = min(self.config.train.log_completions_count, len(rollout))
+        mask = rollout.response_mask[:count].float()
+        advantages = ((rollout.advantages[:count] * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        rows = [
+            {"prompt": rollout.prompts[i], "completion": rollout.completions[i],
+             **{f"reward/{name}": float(values[i]) for name, values in rollout.reward_values.items()},
+             "score": float(rollout.scores[i]), "advantage": advantages[i]}
+            for i in range(count)
+        ]
+        write_completions(self.output_dir / "completions.jsonl", self.update, rows)
+        log_table(self.accelerator, "completions", rows, self.update)
+
     def save_checkpoint(self) -> Path:
         """Everything needed to continue exactly: weights, optimizer, scheduler, RNGs of every process,
         data position, KL controller. Written to a temporary folder and renamed when complete."""
@@ -647,7 +694,8 @@ class PPOTrainer:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG state
+        with checkpoint.quiet_shared_tensor_warning():
+            acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG state
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {
@@ -665,8 +713,14 @@ class PPOTrainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore a checkpoint written by `save_checkpoint`, and drop metrics logged after it."""
         acc = self.accelerator
-        acc.load_state(str(path))
-        state = checkpoint.read_state(path)
+        try:
+            acc.load_state(str(path))
+            state = checkpoint.read_state(path)
+        except Exception as e:  # a damaged file: name it and the checkpoint before
+            error = checkpoint.load_error(path, e)
+            if error is e:
+                raise
+            raise error from e
         self.update = int(state["update"])
         self.sampler.load_state_dict(state["sampler"])
         self.kl_controller.load_state_dict(state["kl_controller"])

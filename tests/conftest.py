@@ -81,3 +81,25 @@ def right_pad(sequences: list[list[int]], width: int, pad_id: int = 0) -> tuple[
 def pad_helpers():
     """(left_pad, right_pad) helpers, as a fixture so test modules need not import conftest."""
     return left_pad, right_pad
+
+
+def assert_hub_valid_card(path):
+    """Load a model card the way the Hub client does and apply the Hub's metadata rules that made
+    uploads fail before (`ModelCard.validate` itself needs the network): base_model and datasets are
+    repo ids, tags a list of strings. Returns the card."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    card = ModelCard.load(path)
+    base = card.data.base_model
+    for name in (base if isinstance(base, list) else [base] if base else []) + list(card.data.datasets or []):
+        validate_repo_id(name)
+    assert isinstance(card.data.tags, list) and all(isinstance(t, str) for t in card.data.tags)
+    assert card.data.library_name in ("transformers", "peft")
+    return card
+
+
+@pytest.fixture
+def hub_card():
+    """`assert_hub_valid_card`, for tests that check the cards the package writes."""
+    return assert_hub_valid_card

@@ -52,7 +52,7 @@ def test_load_prompt_dataset_local_files(datasets_cache, fmt):
 
 
 def test_load_prompt_dataset_missing_file(tmp_path):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="absent.jsonl does not exist"):
         load_prompt_dataset(str(tmp_path / "absent.jsonl"))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_rl.config import Config, ConfigError
@@ -33,7 +32,7 @@ def fake_hub(monkeypatch):
     return FakeHfApi
 
 
-def test_push_to_hub_uploads_a_loadable_folder_with_a_card(tiny_model_dir, tmp_path, fake_hub):
+def test_push_to_hub_uploads_a_loadable_folder_with_a_card(tiny_model_dir, tmp_path, fake_hub, hub_card):
     train, _ = arithmetic.make_splits(1, 16, 2, seed=0)
     data = arithmetic.write_jsonl(train, tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
@@ -61,15 +60,52 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_card(tiny_model_dir, tmp_p
     ids = torch.tensor([AutoTokenizer.from_pretrained(out)("12+3=").input_ids])
     torch.testing.assert_close(lm(ids).logits, live(ids).logits)
 
-    card = (out / "README.md").read_text()
-    front = yaml.safe_load(card.split("---")[1])
-    assert front["library_name"] == "transformers" and front["base_model"] == str(tiny_model_dir)
-    assert "llm_rl" in front["tags"] and "datasets" not in front  # a local file is not a Hub dataset
-    assert "someone/tiny-ppo" in card and "llm_rl.tasks.arithmetic:reward" in card
-    assert f"| `score/mean` | {history[-1]['score/mean']:.4g} |" in card
-    assert "learning_rate" in card  # the config used
+    card = hub_card(out / "README.md")
+    assert card.data.library_name == "transformers"
+    # a local base model and a local data file are not Hub ids: the Hub rejects them as metadata
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "llm_rl" in card.data.tags and "gae" in card.data.tags
+    assert "someone/tiny-ppo" in card.text and "llm_rl.tasks.arithmetic:reward" in card.text
+    assert f"| `score/mean` | {history[-1]['score/mean']:.4g} |" in card.text
+    assert "GAE" in card.text and "value_head.safetensors" in card.text
+    assert "learning_rate" in card.text  # the config used
 
 
 def test_push_to_hub_needs_a_repo_id():
     with pytest.raises(ConfigError, match="hub_model_id"):
         Config.from_dict({"push_to_hub": True}).validate()
+
+
+def test_card_metadata_names_hub_ids_only(tmp_path, hub_card):
+    from llm_rl.hub import model_card
+
+    config = Config.from_dict({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dataset_name": "openai/gsm8k",
+                               "output_dir": str(tmp_path / "run")})
+    model_card(config, {}).save(tmp_path / "hub.md")
+    card = hub_card(tmp_path / "hub.md")
+    assert card.data.base_model == "Qwen/Qwen2.5-0.5B" and card.data.datasets == ["openai/gsm8k"]
+
+    local = Config.from_dict({"model_name_or_path": str(tmp_path), "dataset_name": "data/train.jsonl"})
+    model_card(local, {}).save(tmp_path / "local.md")
+    card = hub_card(tmp_path / "local.md")
+    assert card.data.base_model is None and card.data.datasets is None
+    assert str(tmp_path) in card.text  # the text still says where it came from
+
+
+def test_critic_free_and_lora_cards_describe_what_was_trained_and_saved(tiny_model_dir, tmp_path, hub_card):
+    train, _ = arithmetic.make_splits(1, 16, 2, seed=0)
+    data = arithmetic.write_jsonl(train, tmp_path / "prompts.jsonl")
+    out = tmp_path / "grpo"
+    config = Config.from_dict({
+        "model_name_or_path": str(tiny_model_dir), "dataset_name": str(data), "output_dir": str(out),
+        "reward_funcs": ["llm_rl.tasks.arithmetic:reward"], "batch_size": 2, "num_generations": 2,
+        "advantage_estimator": "grpo", "max_new_tokens": 3, "max_updates": 1, "progress_bar": False,
+        "use_peft": True, "lora_r": 2, "lora_target_modules": ["c_attn"],
+    })
+    run_ppo(config)
+    card = hub_card(out / "README.md")
+    assert card.data.library_name == "peft" and "grpo" in card.data.tags
+    description = card.text.split("## Training configuration")[0]  # the config dump lists every key
+    assert "GAE" not in description and "value_head" not in description and "no value head" in description
+    assert not (out / "value_head.safetensors").exists()
+    assert "AutoPeftModelForCausalLM" in card.text

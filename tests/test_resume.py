@@ -134,3 +134,41 @@ def test_output_dir_with_a_run_is_refused_without_resume(setup, uninterrupted):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "resume_from_checkpoint" in result.stderr
+
+
+LORA_ARGS = ["--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "c_attn", "c_fc"]
+
+
+def test_lora_checkpoint_holds_only_what_trains_and_resumes_exactly(setup, tmp_path, tiny_model_dir):
+    _, args = setup
+    straight = tmp_path / "lora-straight"
+    run([*args, *LORA_ARGS], straight)
+    saved = load_file(checkpoint.checkpoint_dir(straight, UPDATES) / "model.safetensors")
+    assert saved and all("lora_" in name or name.startswith("v_head.") for name in saved)  # no frozen base
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert sum(t.numel() for t in saved.values()) < sum(t.numel() for t in base.values()) / 4
+
+    killed = tmp_path / "lora-killed"
+    kill_after_checkpoint([*args, *LORA_ARGS], killed, 3)
+    result = run([*args, *LORA_ARGS], killed, ["--resume_from_checkpoint", "latest"])
+    assert "at update 3" in result.stdout
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        expected, got = load_file(straight / name), load_file(killed / name)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+    assert metrics(killed) == metrics(straight)
+
+
+def test_a_corrupted_checkpoint_is_named_and_the_previous_one_offered(setup, uninterrupted, tmp_path):
+    _, args = setup
+    out = tmp_path / "corrupted"
+    shutil.copytree(uninterrupted, out)
+    bad = checkpoint.checkpoint_dir(out, UPDATES) / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])  # a disk that filled up while writing
+    cmd, env = ppo(args, out, ["--resume_from_checkpoint", "latest"])
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"llm-rl: checkpoint error: {bad} is unreadable")
+    assert f"--resume_from_checkpoint {checkpoint.checkpoint_dir(out, UPDATES - 1)}" in line

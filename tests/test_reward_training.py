@@ -257,7 +257,7 @@ def rm_yaml(tmp_path, tiny_model_dir) -> Path:
     return path
 
 
-def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys):
+def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys, hub_card):
     from transformers import AutoModelForSequenceClassification
 
     from llm_rl.rewards import RewardModel
@@ -271,6 +271,9 @@ def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys):
     assert "eval/accuracy" in metrics[1] and "eval/accuracy" in metrics[2] and "eval/accuracy" not in metrics[0]
     assert metrics[2]["eval/pairs"] == 15  # 25% of 60, every held-out pair counted once
     assert yaml.safe_load((out / "reward_config.yaml").read_text())["max_steps"] == 3
+    card = hub_card(out / "README.md")
+    assert card.data.base_model is None and card.data.datasets is None  # local paths are not Hub ids
+    assert "reward-model" in card.data.tags and "| `eval/accuracy` |" in card.text
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id == 0
     prompts, completions = ["1+2=", "35+47=", "9+9="], ["3", "82", "81"]
@@ -281,7 +284,7 @@ def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys):
         main(["--config", str(rm_yaml)])
 
 
-def test_lora_adapter_or_merged_model(rm_yaml, tmp_path):
+def test_lora_adapter_or_merged_model(rm_yaml, tmp_path, hub_card):
     from transformers import AutoModelForSequenceClassification
 
     from llm_rl.rewards import RewardModel
@@ -290,6 +293,8 @@ def test_lora_adapter_or_merged_model(rm_yaml, tmp_path):
     train_reward_model(RewardTrainingConfig.from_yaml(rm_yaml, base + ["--output_dir", str(tmp_path / "adapter")]))
     train_reward_model(RewardTrainingConfig.from_yaml(rm_yaml, base + ["--output_dir", str(tmp_path / "merged"),
                                                                        "--merge_adapter"]))
+    assert hub_card(tmp_path / "adapter" / "README.md").data.library_name == "peft"
+    assert hub_card(tmp_path / "merged" / "README.md").data.library_name == "transformers"
     adapter_files = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= adapter_files and "model.safetensors" not in adapter_files
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")

@@ -118,8 +118,10 @@ def test_ppo_run_trains_logs_and_saves(assets, tmp_path):
     for name in ("config.json", "model.safetensors", "value_head.safetensors", "config.yaml",
                  "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
-    pickled = [p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in out.rglob(pattern)]
+    # the exported model is safetensors only (the checkpoint's optimizer/RNG files load with weights_only)
+    pickled = [p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in out.glob(pattern)]
     assert pickled == []
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # saved at the end by default
     saved_config = Config.from_yaml(out / "config.yaml")
     assert saved_config.train.max_updates == 3 and saved_config.ppo.batch_size == 4
 

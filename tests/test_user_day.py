@@ -1,0 +1,266 @@
+"""A user's day (issue 14): safe reruns, one-line errors, held-out evaluation and sample logging from
+the config, TRL/OpenRLHF names, quiet and fast commands. In process, tiny model, CPU, offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_rl import checkpoint, cli
+from llm_rl.config import Config, ConfigError, parse_overrides, split_config_arg
+from llm_rl.data import DataError
+from llm_rl.pipeline import run_ppo
+from llm_rl.plotting import curve_panels
+from llm_rl.rewards import RewardError
+from llm_rl.tasks import arithmetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every run builds its own Accelerator; forget the process-wide accelerate state between tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def data(tmp_path):
+    """16 training and 4 held-out addition prompts (columns prompt, answer)."""
+    train, heldout = arithmetic.make_splits(1, 16, 4, seed=0)
+    return arithmetic.write_jsonl(train, tmp_path / "train.jsonl"), arithmetic.write_jsonl(heldout, tmp_path / "heldout.jsonl")
+
+
+def config_for(tiny_model_dir, data, out: Path, **extra) -> Config:
+    values = {
+        "model_name_or_path": str(tiny_model_dir), "dataset_name": str(data[0]), "output_dir": str(out),
+        "reward_funcs": ["llm_rl.tasks.arithmetic:reward"], "batch_size": 4, "max_new_tokens": 3,
+        "max_updates": 2, "learning_rate": 1e-3, "progress_bar": False, "seed": 0,
+    }
+    return Config.from_dict({**values, **extra})
+
+
+# ----------------------------------------------------------------------------- 1, 2, 4: reruns and checkpoints
+def test_overwrite_leaves_nothing_of_the_old_run(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "out"
+    run_ppo(config_for(tiny_model_dir, data, out, save_steps=1))
+    (out / "notes.txt").write_text("mine")  # not written by llm_rl: stays
+    assert (out / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+
+    lora = {"use_peft": True, "lora_r": 2, "lora_target_modules": ["c_attn"], "max_updates": 1}
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics.jsonl \(2 rows\), checkpoint-1, checkpoint-2\)"):
+        run_ppo(config_for(tiny_model_dir, data, out, **lora))
+    run_ppo(config_for(tiny_model_dir, data, out, overwrite_output_dir=True, **lora))
+
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" not in names and "adapter_model.safetensors" in names  # no stale full model
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-1"]  # `latest` is this run's
+    assert [json.loads(line)["update"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+FAILS_AT_FIRST_CALL = "def reward(prompts, completions, **_):\n    raise ZeroDivisionError('oops')\n"
+
+
+def test_a_run_that_failed_before_its_first_update_does_not_block_the_rerun(tiny_model_dir, data, tmp_path):
+    (tmp_path / "bad.py").write_text(FAILS_AT_FIRST_CALL)
+    out = tmp_path / "out"
+    with pytest.raises(RewardError, match="ZeroDivisionError"):
+        run_ppo(config_for(tiny_model_dir, data, out, reward_funcs=[f"{tmp_path / 'bad.py'}:reward"]))
+    assert (out / "metrics.jsonl").read_text() == ""  # what the failed run left
+    _, history = run_ppo(config_for(tiny_model_dir, data, out))  # the fixed rerun, no flag needed
+    assert len(history) == 2
+
+
+def test_default_run_is_resumable(tiny_model_dir, data, tmp_path):
+    assert Config().train.save_steps == 100 and Config().train.logging_steps == 10
+    out = tmp_path / "out"
+    run_ppo(config_for(tiny_model_dir, data, out))  # no save_steps given
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]  # the end is always saved
+
+
+def test_no_shared_tensor_warning_per_checkpoint(tiny_model_dir, data, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        run_ppo(config_for(tiny_model_dir, data, tmp_path / "out", save_steps=1))
+    assert "Removed shared tensor" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- 6, 7: errors a person can act on
+def needs_answer_and_level(prompts, completions, answer, level):
+    return [0.0] * len(completions)
+
+
+def no_kwargs(prompts, completions):
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("fn, problem", [
+    ("needs_answer_and_level", "missing a required argument: 'level'"),
+    ("no_kwargs", "unexpected keyword argument 'answer'"),
+])
+def test_reward_signature_is_checked_against_the_columns_at_load(tiny_model_dir, data, tmp_path, fn, problem):
+    config = config_for(tiny_model_dir, data, tmp_path / "out", reward_funcs=[f"{__file__}:{fn}"])
+    with pytest.raises(RewardError) as caught:
+        run_ppo(config)
+    assert problem in str(caught.value) and "['answer']" in str(caught.value)  # the dataset's columns
+    assert not (tmp_path / "out").exists()  # found before anything was generated or written
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model_name_or_path", "./no/such/model"), ("dataset_name", "data/missing.jsonl"),
+    ("reward_model_name_or_path", "/no/such/reward_model"), ("eval_dataset_name", "~/held.jsonl"),
+])
+def test_a_missing_local_path_fails_at_once(tiny_model_dir, data, tmp_path, key, value):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"{key}: {value} does not exist"):
+        run_ppo(config_for(tiny_model_dir, data, tmp_path / "out", **{key: value}))
+    assert time.perf_counter() - start < 5  # no Hub retries
+
+
+@pytest.mark.parametrize("content, name", [("", "empty.jsonl"), ("prompt,answer\n", "header.csv"), ("\n\n", "blank.jsonl")])
+def test_empty_or_header_only_data_files_are_named(tiny_model_dir, data, tmp_path, content, name):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=rf"{tmp_path / name} (is empty|has no rows)"):
+        run_ppo(config_for(tiny_model_dir, data, tmp_path / "out", dataset_name=str(tmp_path / name)))
+
+
+def test_cli_prints_one_line_and_exits_2_traceback_with_debug(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad.py").write_text(FAILS_AT_FIRST_CALL)
+    args = ["ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data[0]),
+            "--config", str(REPO / "recipes" / "configs" / "addition.yaml"),  # --config anywhere
+            "--reward_funcs", f"{tmp_path / 'bad.py'}:reward", "--output_dir", str(tmp_path / "out"),
+            "--batch_size", "4", "--max_updates", "1", "--max_new_tokens", "3", "--no_progress_bar"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("llm-rl:")]  # besides loading bars
+    assert len(ours) == 1 and ours[0].startswith("llm-rl: reward error: reward 'reward' raised ZeroDivisionError: oops")
+    assert "--debug" in ours[0] and "Traceback" not in err
+    monkeypatch.setenv("LLM_RL_DEBUG", "1")
+    with pytest.raises(RewardError):
+        cli.main(args)
+    monkeypatch.delenv("LLM_RL_DEBUG")
+    with pytest.raises(RewardError):
+        cli.main([*args, "--debug"])
+
+
+def test_a_model_that_does_not_load_is_one_line_too(data, tmp_path, capsys):
+    (tmp_path / "not_a_model").mkdir()
+    args = ["ppo", "--model_name_or_path", str(tmp_path / "not_a_model"), "--dataset_name", str(data[0]),
+            "--reward_funcs", "llm_rl.tasks.arithmetic:reward", "--output_dir", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("llm-rl:")]
+    assert len(ours) == 1 and str(tmp_path / "not_a_model") in ours[0] and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- 8, 9: the command line TRL users type
+def test_command_line_as_trl_parser_users_type_it():
+    assert split_config_arg(["--lr", "1", "--config", "a.yaml", "--x"]) == ("a.yaml", ["--lr", "1", "--x"])
+    assert split_config_arg(["--config=a.yaml"]) == ("a.yaml", [])
+    values = parse_overrides(["--reward_funcs", "m:a", "n:b", "--no_shuffle", "--seed", "3"], frozenset({"shuffle"}))
+    assert values == {"reward_funcs": ["m:a", "n:b"], "shuffle": False, "seed": 3}
+    config = Config.from_yaml(None, ["--reward_funcs", "m:a", "n:b", "--no_shuffle", "--reward_weights", "1", "0.5"])
+    assert config.reward.reward_funcs == ["m:a", "n:b"] and config.data.shuffle is False
+    assert config.reward.reward_weights == [1.0, 0.5]
+    with pytest.raises(ConfigError, match="'seed' expects int"):
+        Config.from_yaml(None, ["--seed", "1", "2"])
+
+
+def test_report_to_is_checked_before_models_load():
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'.*Did you mean tensorboard"):
+        Config.from_yaml(None, ["--report_to", "tensorbord"])
+    missing = next((n for n in ("wandb", "comet_ml", "mlflow", "aim") if not _installed(n)), None)
+    if missing:
+        with pytest.raises(ConfigError, match=f"{missing} is not installed"):
+            Config.from_yaml(None, ["--report_to", missing])
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.parametrize("typed, meant, note", [
+    ("per_device_train_batch_size", "batch_size", "prompts per process"),
+    ("max_completion_length", "max_new_tokens", None),
+    ("response_length", "max_new_tokens", None),
+    ("beta", "kl_coef", "kl_placement"),
+    ("epsilon", "clip_range", None),
+    ("eps_clip", "clip_range", None),
+    ("num_ppo_epochs", "ppo_epochs", None),
+    ("loss_type", "loss_agg", "GRPO"),
+    ("bf16", "torch_dtype", "mixed_precision"),
+    ("total_episodes", "max_updates", None),
+])
+def test_trl_and_openrlhf_names_point_to_the_key_meant(typed, meant, note):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_dict({typed: 1})
+    assert f"Did you mean {meant}?" in str(caught.value)
+    if note:
+        assert note in str(caught.value)
+
+
+def test_reward_training_names_pairs_not_prompts():
+    from llm_rl.reward_training import RewardTrainingConfig
+
+    with pytest.raises(ConfigError, match="Did you mean batch_size.*pairs per process"):
+        RewardTrainingConfig().update({"per_device_train_batch_size": 8})
+
+
+# ----------------------------------------------------------------------------- 10, 11, 12: what users see
+def test_heldout_evaluation_and_sample_completions_from_the_config(tiny_model_dir, data, tmp_path, hub_card):
+    (tmp_path / "length.py").write_text("def short(prompts, completions, **_):\n    return [-len(c) for c in completions]\n")
+    out = tmp_path / "out"
+    config = config_for(
+        tiny_model_dir, data, out, eval_dataset_name=str(data[1]), eval_steps=1, eval_decoding=["greedy", "sampled"],
+        eval_reward_funcs=["llm_rl.tasks.arithmetic:reward", f"{tmp_path / 'length.py'}:short"],
+        log_completions_steps=2, log_completions_count=3, report_to="tensorboard",
+    )
+    trainer, history = run_ppo(config)
+    for row in history:
+        for decoding in ("greedy", "sampled"):
+            assert {f"eval/{decoding}/{k}" for k in ("score", "reward/reward", "reward/short", "length", "eos_rate")} <= set(row)
+            # the eval rewards replace the training one; with no weights given, the score is their sum
+            parts = row[f"eval/{decoding}/reward/reward"] + row[f"eval/{decoding}/reward/short"]
+            assert row[f"eval/{decoding}/score"] == pytest.approx(parts) and row[f"eval/{decoding}/reward/short"] < 0
+    # rewards are named by function, not by path
+    assert "reward/reward" in history[0] and not any(":" in k for k in history[0])
+    assert ("eval/greedy/score", "held-out score (greedy)") in curve_panels(history)
+    assert "## Held-out evaluation" in hub_card(out / "README.md").text
+
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [2, 2, 2]  # every log_completions_steps updates
+    assert set(rows[0]) == {"update", "prompt", "completion", "reward/reward", "score", "advantage"}
+    assert rows[0]["prompt"] in {json.loads(line)["prompt"] for line in data[0].read_text().splitlines()}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "llm_rl").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert "completions/text_summary" in events.Tags()["tensors"]
+    assert "eval/greedy/score" in events.Tags()["scalars"]
+
+
+def test_demo_style_eval_callback_still_runs(tiny_model_dir, data, tmp_path):
+    calls = []
+    config = config_for(tiny_model_dir, data, tmp_path / "out", eval_steps=1)
+    _, history = run_ppo(config, eval_fn=lambda trainer: calls.append(trainer.update) or {"accuracy": 0.5})
+    assert calls == [1, 2] and all(row["eval/accuracy"] == 0.5 for row in history)
+
+
+def test_version_and_a_help_that_needs_no_torch():
+    assert cli.main(["--version"]) == 0
+    code = "import sys, llm_rl.cli; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stderr  # `llm-rl --help` and config errors load no ML library
+    assert time.perf_counter() - start < 5
