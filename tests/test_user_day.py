@@ -224,7 +224,7 @@ def test_heldout_evaluation_and_sample_completions_from_the_config(tiny_model_di
     config = config_for(
         tiny_model_dir, data, out, eval_dataset_name=str(data[1]), eval_steps=1, eval_decoding=["greedy", "sampled"],
         eval_reward_funcs=["llm_rl.tasks.arithmetic:reward", f"{tmp_path / 'length.py'}:short"],
-        log_completions_steps=2, log_completions_count=3, report_to="tensorboard",
+        log_completions_steps=2, log_completions_count=3,
     )
     trainer, history = run_ppo(config)
     for row in history:
@@ -243,11 +243,29 @@ def test_heldout_evaluation_and_sample_completions_from_the_config(tiny_model_di
     assert set(rows[0]) == {"update", "prompt", "completion", "reward/reward", "score", "advantage"}
     assert rows[0]["prompt"] in {json.loads(line)["prompt"] for line in data[0].read_text().splitlines()}
 
+
+def test_evaluation_and_completions_reach_tensorboard(tiny_model_dir, data, tmp_path):
+    pytest.importorskip("tensorboard")  # the `tensorboard` extra
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    out = tmp_path / "out"
+    run_ppo(config_for(tiny_model_dir, data, out, eval_dataset_name=str(data[1]), log_completions_steps=1,
+                       report_to="tensorboard"))
     events = EventAccumulator(str(next((out / "llm_rl").rglob("events.out.tfevents.*")).parent)).Reload()
     assert "completions/text_summary" in events.Tags()["tensors"]
     assert "eval/greedy/score" in events.Tags()["scalars"]
+
+
+def test_completions_table_goes_to_wandb_as_a_table():
+    from types import SimpleNamespace
+
+    from llm_rl.metrics import log_table
+
+    calls = []
+    wandb = SimpleNamespace(name="wandb", log_table=lambda name, columns, data, step: calls.append((name, columns, data, step)))
+    log_table(SimpleNamespace(trackers=[wandb, SimpleNamespace(name="mlflow")]), "completions",
+              [{"prompt": "1+2=", "completion": "3", "advantage": 0.5}], step=7)
+    assert calls == [("completions", ["prompt", "completion", "advantage"], [["1+2=", "3", 0.5]], 7)]
 
 
 def test_demo_style_eval_callback_still_runs(tiny_model_dir, data, tmp_path):
