@@ -141,7 +141,7 @@ def rloo_advantages(scores: Tensor, group_size: int, valid: Tensor | None = None
 
 
 def reinforce_pp_advantages(
-    rewards: Tensor, mask: Tensor, gamma: float = 1.0, eps: float = 1e-8
+    rewards: Tensor, mask: Tensor, gamma: float = 1.0, eps: float = 1e-8, reduce=None
 ) -> Tensor:
     """REINFORCE++ advantages: batch-whitened discounted returns.
 
@@ -150,11 +150,12 @@ def reinforce_pp_advantages(
     ``A = whiten(G)`` where ``G_t = sum_{k>=t} gamma^(k-t) r_k`` and the mean
     and (unbiased) std are taken over every valid token in the batch, which
     replaces a critic with a global baseline. Padded positions are 0.
+    ``reduce`` sums the statistics over processes (see ``masked_whiten``).
     Reference: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for
     Aligning Large Language Models".
     """
     returns = discounted_returns(rewards, mask, gamma)
-    return masked_whiten(returns, mask, shift_mean=True, eps=eps)
+    return masked_whiten(returns, mask, shift_mean=True, eps=eps, reduce=reduce)
 
 
 def prefix_diff_advantages(

@@ -156,12 +156,24 @@ class DataConfig:
 
 @dataclass
 class SamplingConfig:
+    """How responses are sampled. Only these keys shape the sampling distribution: a checkpoint's
+    saved generation_config (repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length,
+    suppress_tokens, its top_k/top_p/temperature, ...) is ignored, because PPO scores every sampled
+    token under softmax(logits / temperature) and any other processor would make the two differ."""
+
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response in tokens."})
     temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature; log-probs are taken at the same temperature."}
+        default=1.0,
+        metadata={"help": "Sampling temperature; log-probs are taken at the same temperature. Only the sampling keys "
+                          "here shape sampling: the checkpoint's generation_config (repetition_penalty, "
+                          "no_repeat_ngram_size, bad_words_ids, min_length, suppress_tokens, top_k, ...) is ignored."},
     )
-    top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest tokens (0 = all)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    top_k: int = field(
+        default=0,
+        metadata={"help": "Sample among the k likeliest tokens (0 = all). PPO scores tokens under the full softmax, "
+                          "so top_k/top_p make sampling and training differ: leave them off for exact PPO."},
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off); see top_k."})
     stop_token: Optional[str] = field(
         default=None, metadata={"help": "Extra token that ends a response, besides the tokenizer's EOS."}
     )
@@ -311,6 +323,24 @@ class TrainConfig:
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
 
+@dataclass
+class EnvironmentConfig:
+    environment: Optional[str] = field(
+        default=None,
+        metadata={"help": "Multi-turn episodes: an environment class as 'module.path:Class' or 'file.py:Class' with "
+                          "reset(row) -> observation and step(response) -> (observation or None, reward, done); one "
+                          "instance per episode, built from each dataset row. Its rewards replace reward_funcs."},
+    )
+    max_turns: int = field(default=4, metadata={"help": "Most bot turns per episode."})
+    max_episode_tokens: int = field(
+        default=1024, metadata={"help": "No new turn once an episode holds this many tokens after its first observation."}
+    )
+    discount: str = field(
+        default="turn",
+        metadata={"help": "'turn': gamma once per turn boundary, 1 within a turn; 'token': gamma per bot token."},
+    )
+
+
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "prefix_diff")
 CRITIC_FREE = ("grpo", "rloo", "reinforce_pp", "prefix_diff")
 
@@ -321,6 +351,7 @@ SECTIONS: dict[str, type] = {
     "reward": RewardConfig,
     "ppo": PPOConfig,
     "train": TrainConfig,
+    "environment": EnvironmentConfig,
 }
 
 
@@ -334,6 +365,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
 
     # ---- loading -------------------------------------------------------------------
     @classmethod
@@ -456,6 +488,18 @@ class Config:
             (t.log_completions_steps >= 0, "log_completions_steps must be >= 0"),
             (t.log_completions_count >= 1, "log_completions_count must be >= 1"),
             (self.model.lora_r >= 1, "lora_r must be >= 1"),
+            (self.environment.max_turns >= 1, "max_turns must be >= 1"),
+            (self.environment.max_episode_tokens >= 1, "max_episode_tokens must be >= 1"),
+            (self.environment.discount in ("turn", "token"), "discount: turn or token"),
+            (self.environment.environment is None or p.advantage_estimator in ("gae", "grpo", "rloo", "reinforce_pp"),
+             "advantage_estimator prefix_diff scores one response with a reward model; it has no multi-turn form: "
+             "use gae, grpo, rloo or reinforce_pp with an environment"),
+            (self.environment.environment is None or self.eval_dataset is None,
+             "held-out evaluation from eval_dataset_name / eval_split scores single responses; with an environment, "
+             "evaluate episodes in an eval_fn callback (llm_rl/demo_dialogue.py has one)"),
+            (self.environment.environment is None or (r.reward_model_name_or_path is None and not r.reward_funcs),
+             "an environment gives the rewards of multi-turn episodes: remove reward_funcs / "
+             "reward_model_name_or_path, or score inside the environment's step()"),
             (0 <= self.model.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.model.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
              "torch_dtype: float32, bfloat16, float16 or auto"),

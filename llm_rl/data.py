@@ -91,7 +91,8 @@ class PromptData:
                 f"dataset has no column '{prompt_column}' (columns: {columns}); "
                 "set prompt_column to the column that holds the prompts"
             )
-        self.texts: list[str] = []
+        self.texts: list[str] = []  # what the policy sees (decoded after truncation)
+        self.messages: list[Optional[list]] = []  # chat prompts' messages, for reward models with a chat template
         self.ids: list[list[int]] = []
         for row, value in enumerate(dataset[prompt_column]):
             text = render_prompt(value, tokenizer, prompt_column, row)
@@ -106,7 +107,10 @@ class PromptData:
                         "raise max_prompt_length, shorten the prompt, or set truncate_prompts: true"
                     )
                 ids = ids[-max_prompt_length:]  # keep the end: it is what the response continues
+                # rewards judge the prompt the policy answered, not the one it never saw
+                text, value = tokenizer.decode(ids, skip_special_tokens=False), None
             self.texts.append(text)
+            self.messages.append(value if isinstance(value, list) else None)
             self.ids.append(ids)
         if not self.ids:
             raise DataError("the prompt dataset is empty")
@@ -129,8 +133,26 @@ class PromptData:
             "prompt_ids": prompt_ids.to(device),
             "prompt_mask": prompt_mask.to(device),
             "prompts": [self.texts[i] for i in indices],
+            "prompt_messages": [self.messages[i] for i in indices],
             "columns": {c: [values[i] for i in indices] for c, values in self.columns.items()},
         }
+
+
+class EpisodeRows:
+    """The rows of a multi-turn dataset: each is given whole (a dict of its columns) to an environment's
+    reset(), which builds the first observation from it."""
+
+    def __init__(self, dataset):
+        self.rows = dataset.to_list()
+        if not self.rows:
+            raise DataError("the episode dataset is empty")
+        self.columns = {c: [row[c] for row in self.rows] for c in dataset.column_names}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: list[int], device=None) -> dict:
+        return {"rows": [self.rows[i] for i in indices]}
 
 
 class PromptSampler:

@@ -29,7 +29,7 @@ GAMMAS = (0.9, 0.0)
 class DialogueOptions:
     output_dir: str = "outputs/demo_dialogue"
     seed: int = 0
-    max_updates: int = 60
+    max_updates: int = 80
     warm_start_steps: int = 300
     overwrite: bool = False
 
@@ -39,7 +39,7 @@ def ppo_config(options: DialogueOptions, gamma: float, warm_dir: Path, data_file
         "model_name_or_path": str(warm_dir), "dataset_name": str(data_file),
         "environment": "llm_rl.tasks.dialogue:DebugUser", "max_turns": 3, "max_episode_tokens": 16, "discount": "turn",
         "max_new_tokens": 2, "temperature": 1.0, "batch_size": 64, "ppo_epochs": 2, "num_mini_batches": 2,
-        "learning_rate": 3e-4, "gamma": gamma, "lam": 1.0, "kl_coef": 0.0, "vf_coef": 0.5, "clip_range_value": None,
+        "learning_rate": 3e-4, "lr_scheduler_type": "linear", "gamma": gamma, "lam": 1.0, "kl_coef": 0.0, "vf_coef": 0.5, "clip_range_value": None,
         "max_updates": options.max_updates, "eval_steps": 10, "logging_steps": 10, "seed": options.seed,
         "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite, "progress_bar": False,
     })
@@ -96,9 +96,11 @@ def run_dialogue_demo(options: DialogueOptions) -> dict:
         run_dir = out_dir / f"gamma_{gamma}"
         config = ppo_config(options, gamma, warm_dir, data_file, run_dir)
 
-        def eval_fn(trainer) -> dict:
-            policy = trainer.accelerator.unwrap_model(trainer.model)
-            return dialogue.behaviour(policy.pretrained_model, tokenizer, heldout, greedy=True, gamma=gamma)
+        def eval_fn(trainer, gamma=gamma) -> dict:
+            lm = trainer.accelerator.unwrap_model(trainer.model).pretrained_model
+            sampled = dialogue.behaviour(lm, tokenizer, heldout * 5, greedy=False, gamma=gamma)
+            return {**dialogue.behaviour(lm, tokenizer, heldout, greedy=True, gamma=gamma),
+                    "sampled_ask_rate": sampled["ask_rate"], "sampled_return": sampled["return"]}
 
         trainer, history = run_ppo(config, eval_fn=eval_fn)
         policy = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -107,7 +109,8 @@ def run_dialogue_demo(options: DialogueOptions) -> dict:
                                                gamma=gamma)}
         runs[str(gamma)] = {"after": after, "value": value_vs_exact(policy, tokenizer, heldout, gamma),
                             "updates": trainer.update}
-        curves[gamma] = [(row["update"], row["eval/ask_rate"]) for row in history if "eval/ask_rate" in row]
+        curves[gamma] = [(row["update"], row["eval/ask_rate"], row["eval/sampled_ask_rate"]) for row in history
+                         if "eval/ask_rate" in row]
         print(f"[demo] gamma {gamma}: greedy ask {after['greedy']['ask_rate']:.2f} / apologise "
               f"{after['greedy']['polite_rate']:.2f}; V(first bot token) {runs[str(gamma)]['value']['value']:.3f} vs "
               f"exact return {runs[str(gamma)]['value']['exact_return']:.3f}")
@@ -126,10 +129,13 @@ def plot(curves: dict, before: dict, runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for gamma, points in curves.items():
-        left.plot([0] + [u for u, _ in points], [before["greedy"]["ask_rate"]] + [r for _, r in points],
-                  marker="o", label=f"gamma {gamma}")
-    left.set(xlabel="PPO update", ylabel="held-out greedy episodes that ask for the trace", ylim=(-0.05, 1.05))
+    for (gamma, points), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        updates = [0] + [u for u, _, _ in points]
+        left.plot(updates, [before["greedy"]["ask_rate"]] + [g for _, g, _ in points], marker="o", color=color,
+                  label=f"gamma {gamma}, greedy")
+        left.plot(updates, [before["sampled"]["ask_rate"]] + [s for _, _, s in points], linestyle="--",
+                  color=color, label=f"gamma {gamma}, sampled")
+    left.set(xlabel="PPO update", ylabel="held-out episodes that ask for the trace", ylim=(-0.05, 1.05))
     left.legend()
     labels = [f"gamma {g}" for g in runs]
     x = range(len(labels))

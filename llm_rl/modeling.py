@@ -22,17 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from llm_rl.config import UserError
+from llm_rl.config import ModelLoadError
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-class ModelLoadError(UserError):
-    """A checkpoint that cannot be loaded as asked; the message names what is missing."""
-
-    label = "model error"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

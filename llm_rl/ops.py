@@ -57,8 +57,16 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return sq_dev / denom.clamp(min=1)
 
 
+def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """``(3,)`` float64: the sum, the sum of squares and the count of ``x`` over valid positions;
+    they add up across processes, so a global mean and variance need one all-reduce of them."""
+    m = mask.to(torch.float64)
+    x = x.to(torch.float64)
+    return torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+
+
 def masked_whiten(
-    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None
 ) -> Tensor:
     """Normalise ``x`` to unit variance using statistics of valid positions only.
 
@@ -67,10 +75,20 @@ def masked_whiten(
     ``y = (x - mean) * rsqrt(var + eps) + mean``, i.e. only the scale changes
     (useful for rewards, whose sign carries meaning).
     Padding positions are returned as 0 so they cannot leak into later sums.
+    ``reduce``: a function that sums a tensor over processes (``lambda t: accelerator.reduce(t, "sum")``);
+    with it the mean and variance are those of the valid positions of every process, so the result does
+    not depend on how a batch is split over processes.
     """
     m = mask.to(x.dtype)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=True)
+    if reduce is None:
+        mean = masked_mean(x, m)
+        var = masked_var(x, m, unbiased=True)
+    else:
+        total, total_sq, n = reduce(masked_moments(x, mask)).tolist()
+        mean_ = total / max(n, 1.0)
+        var_ = max(total_sq - n * mean_ * mean_, 0.0) / max(n - 1, 1.0)
+        mean, var = torch.tensor(mean_, dtype=x.dtype, device=x.device), torch.tensor(var_, dtype=x.dtype,
+                                                                                      device=x.device)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

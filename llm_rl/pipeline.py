@@ -12,7 +12,7 @@ from typing import Optional
 from accelerate.utils import set_seed
 
 from llm_rl.config import CRITIC_FREE, Config, ConfigError, loading
-from llm_rl.data import PromptData, load_prompt_dataset
+from llm_rl.data import EpisodeRows, PromptData, load_prompt_dataset
 from llm_rl.modeling import CausalLMWithValueHead
 from llm_rl.rewards import RewardModel, load_reward_function
 
@@ -103,16 +103,19 @@ def load_rewards(config: Config) -> list:
             )
         )
     rewards += [load_reward_function(spec) for spec in r.reward_funcs]
-    if not rewards:
+    if not rewards and config.environment.environment is None:  # an environment gives its own rewards
         raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs ('module:function')")
     return rewards
 
 
-def load_prompts(config: Config, tokenizer) -> PromptData:
+def load_prompts(config: Config, tokenizer) -> PromptData | EpisodeRows:
+    """The training prompts; with an environment, the dataset rows its episodes start from."""
     d = config.data
     if d.dataset_name is None:
         raise ConfigError("dataset_name is not set: give a Hub dataset id or a local .json/.jsonl/.csv/.parquet file")
     dataset = load_prompt_dataset(d.dataset_name, d.dataset_split, d.dataset_config)
+    if config.environment.environment is not None:
+        return EpisodeRows(dataset)
     return PromptData(dataset, tokenizer, d.prompt_column, d.max_prompt_length, d.truncate_prompts)
 
 

@@ -44,7 +44,7 @@ from llm_rl.config import (
 )
 from llm_rl.metrics import reduce_scalars
 from llm_rl.modeling import DTYPES
-from llm_rl.rewards import sequence_scores
+from llm_rl.rewards import reward_model_text, sequence_scores
 
 PAD_TOKEN = "<|pad|>"
 CONFIG_FILE = "reward_config.yaml"
@@ -380,8 +380,8 @@ def tokenize_pairs(dataset, tokenizer, config: RewardTrainingConfig, name: str =
         prompt = values[prompt_column] if prompt_column else None
         ids = []
         for column in (config.chosen_column, config.rejected_column):
-            text, chat = render_text(prompt, values[column], tokenizer, column, row, name)
-            encoded = tokenizer(text, add_special_tokens=not chat).input_ids
+            text, special_tokens = render_text(prompt, values[column], tokenizer, column, row, name)
+            encoded = tokenizer(text, add_special_tokens=special_tokens).input_ids
             if len(encoded) > config.max_length:
                 truncated += 1
                 encoded = encoded[-config.max_length :]
@@ -399,21 +399,21 @@ def tokenize_pairs(dataset, tokenizer, config: RewardTrainingConfig, name: str =
 
 
 def render_text(prompt, completion, tokenizer, column: str, row: int, name: str) -> tuple[str, bool]:
-    """prompt + completion as one string (chat messages through the chat template); (text, is_chat)."""
+    """Check a pair's values, then (text, add_special_tokens) by the rule PPO scores with (`reward_model_text`)."""
     from llm_rl.data import DataError
 
     def is_messages(value) -> bool:
         return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
     if isinstance(completion, str) and (prompt is None or isinstance(prompt, str)):
-        return (prompt or "") + completion, False
+        return reward_model_text(tokenizer, prompt, completion)
     if is_messages(completion) and (prompt is None or is_messages(prompt)):
         if tokenizer.chat_template is None:
             raise DataError(
                 f"{name} row {row}: '{column}' holds chat messages but the tokenizer has no chat_template; "
                 "set one on the tokenizer or give plain-text pairs"
             )
-        return tokenizer.apply_chat_template((prompt or []) + completion, tokenize=False), True
+        return reward_model_text(tokenizer, prompt, completion)
     raise DataError(
         f"{name} row {row}: '{column}' (and the prompt) must be strings, or lists of chat messages "
         f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__} and {type(completion).__name__}"

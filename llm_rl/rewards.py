@@ -30,30 +30,39 @@ class RewardError(UserError):
 
     label = "reward error"
 
-def load_reward_function(spec: str) -> RewardFn:
-    """'package.module:function' or 'path/to/file.py:function' -> the callable."""
+
+def import_from_spec(spec: str, what: str, error: type[Exception] = RewardError):
+    """'package.module:name' or 'path/to/file.py:name' -> the object; `what` names it in errors
+    ("reward function", "environment")."""
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise RewardError(f"reward function {spec!r} must look like 'package.module:function'")
+        raise error(f"{what} {spec!r} must look like 'package.module:name' (module:function, module:Class) or "
+                    "'path/to/file.py:name'")
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
-            raise RewardError(f"reward function {spec!r}: file {path} not found")
+            raise error(f"{what} {spec!r}: file {path} not found")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:
-            raise RewardError(f"reward function {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+            raise error(f"{what} {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise RewardError(f"reward function {spec!r}: cannot import {module_name!r}: {e}") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise RewardError(f"reward function {spec!r}: {module_name} has no callable {attr!r}")
-    fn.__reward_name__ = attr  # metrics say reward/exact_match, not reward/path/to/file.py:exact_match
+            raise error(f"{what} {spec!r}: cannot import {module_name!r}: {e}") from e
+    obj = getattr(module, attr, None)
+    if not callable(obj):
+        raise error(f"{what} {spec!r}: {module_name} has no callable {attr!r}")
+    return obj
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """'package.module:function' or 'path/to/file.py:function' -> the callable."""
+    fn = import_from_spec(spec, "reward function")
+    fn.__reward_name__ = spec.rpartition(":")[2]  # metrics say reward/exact_match, not reward/path/to/file.py:exact_match
     return fn
 
 
@@ -136,6 +145,32 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return inner.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])[:, 0]
 
 
+def head_name(model) -> str:
+    """The classification head's attribute: `score` on decoder classifiers, `classifier` on encoders."""
+    return "score" if uses_last_token_head(model) else "classifier"
+
+
+def adapter_weight_names(folder: str) -> list[str]:
+    from safetensors import safe_open
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise RewardError(f"{folder} holds adapter_config.json but no adapter_model.safetensors")
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def untrained_head_error(name_or_path: str, missing: list[str]) -> RewardError:
+    """A checkpoint without trained reward weights would score with a random head: noise."""
+    shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+    return RewardError(
+        f"{name_or_path} is not a trained reward model: it has no weights for {shown}, so they would be random "
+        "and every score noise. A causal LM or base model has no score head; train one with "
+        "`llm-rl reward train --model_name_or_path <model> --dataset_name <pairs>` and point "
+        "reward_model_name_or_path at its output_dir."
+    )
+
+
 class RewardModel:
     """A sequence classifier with one output as a reward function: score(prompt + completion).
 
@@ -170,9 +205,16 @@ class RewardModel:
 
             # the base is a plain LM: give it the single output before the adapter loads
             model = AutoPeftModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **load)
+            head = head_name(model.get_base_model())
+            if not any(f".{head}." in key for key in adapter_weight_names(name_or_path)):
+                raise untrained_head_error(name_or_path, [f"{head}.weight"])
             model = model.merge_and_unload()
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **load)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, num_labels=1, output_loading_info=True, **load
+            )
+            if info["missing_keys"]:
+                raise untrained_head_error(name_or_path, sorted(info["missing_keys"]))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **kwargs)
 
@@ -181,20 +223,41 @@ class RewardModel:
         return self
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], prompt_messages: Optional[Sequence] = None, **_
+    ) -> list[float]:
+        """Scores of prompt + completion, tokenized exactly as reward-model training tokenizes a pair
+        (`reward_model_text`): chat prompts through this tokenizer's chat template when it has one."""
         device = next(self.model.parameters()).device
+        encoded = []
+        for prompt, completion, messages in zip(prompts, completions, prompt_messages or [None] * len(prompts)):
+            if messages is not None and self.tokenizer.chat_template:
+                prompt, completion = messages, [{"role": "assistant", "content": completion}]
+            text, special_tokens = reward_model_text(self.tokenizer, prompt, completion)
+            encoded.append(self.tokenizer(text, add_special_tokens=special_tokens).input_ids)
+        if self.max_length is not None:
+            encoded = [ids[-self.max_length :] for ids in encoded]  # prompts lose tokens, completions never
         scores = []
-        for start in range(0, len(prompts), self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            batch = self.tokenizer(
-                [p + c for p, c in zip(prompts[rows], completions[rows])],
-                return_tensors="pt",
-                padding=True,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-            ).to(device)
+        for start in range(0, len(encoded), self.batch_size):
+            rows = encoded[start : start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(device)
             scores.extend(sequence_scores(self.model, batch["input_ids"], batch["attention_mask"]).float().tolist())
         return scores
+
+
+def reward_model_text(tokenizer, prompt, completion) -> tuple[str, bool]:
+    """(text, add_special_tokens) for a prompt + completion as a reward model reads it; one rule for
+    reward-model training and for scoring in PPO, so a reward model scores what it was trained on.
+
+    Chat messages (prompt and completion both lists of {"role", "content"}) go through the chat
+    template, which writes its own special tokens. Plain text gets the tokenizer's special tokens
+    (BOS ...) once: not again when the text already starts with BOS (a prompt rendered by a chat template).
+    """
+    if isinstance(completion, list):
+        return tokenizer.apply_chat_template((prompt or []) + completion, tokenize=False), False
+    text = (prompt or "") + completion
+    bos = tokenizer.bos_token
+    return text, not (bos and text.startswith(bos))
 
 
 @dataclass

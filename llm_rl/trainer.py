@@ -30,6 +30,7 @@ from transformers import get_scheduler
 
 from llm_rl import checkpoint, run_dir
 from llm_rl.advantages import (
+    action_gae,
     compute_gae,
     grpo_advantages,
     prefix_diff_advantages,
@@ -38,6 +39,7 @@ from llm_rl.advantages import (
 )
 from llm_rl.config import CRITIC_FREE, Config, ConfigError
 from llm_rl.data import PromptData, PromptSampler
+from llm_rl.episodes import Episodes, load_environment, run_episodes
 from llm_rl.evaluation import Evaluator
 from llm_rl.hub import push_folder, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
@@ -55,7 +57,14 @@ from llm_rl.rewards import (
     shape_scores,
     token_rewards,
 )
-from llm_rl.rollout import Rollout, decode_responses, forward_logprobs, generate_responses, score_tokens
+from llm_rl.rollout import (
+    Rollout,
+    bootstrap_values,
+    decode_responses,
+    forward_logprobs,
+    generate_responses,
+    score_tokens,
+)
 
 RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
 # training metrics that are shares of their mini-batch's mean: summed over micro-batches and processes
@@ -85,9 +94,13 @@ class PPOTrainer:
         eval_rewards: Optional[list[RewardFn]] = None,
     ):
         config.validate()
-        if not rewards:
+        # multi-turn: an environment plays each episode and gives its rewards (llm_rl.episodes)
+        spec = config.environment.environment
+        self.environment = load_environment(spec) if spec is not None else None
+        if not rewards and self.environment is None:
             raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs")
-        check_rewards(rewards, list(prompts.columns))
+        if rewards:
+            check_rewards(rewards, list(prompts.columns))
         self.evaluator = None
         if eval_prompts is not None:  # the training rewards and weights unless eval rewards are given
             check_rewards(eval_rewards or rewards, list(eval_prompts.columns))
@@ -146,6 +159,7 @@ class PPOTrainer:
         if config.model.gradient_checkpointing:
             policy.pretrained_model.gradient_checkpointing_enable()
         trainable = [p for p in policy.parameters() if p.requires_grad]
+        check_master_weights(policy)
         optimizer = torch.optim.AdamW(trainable, lr=cfg_p.learning_rate, weight_decay=cfg_p.weight_decay)
         steps = self.num_updates * cfg_p.ppo_epochs * cfg_p.num_mini_batches
         # transformers' "constant" ignores warmup: warmup_steps applies to every schedule
@@ -275,7 +289,9 @@ class PPOTrainer:
             metrics = {"update": self.update, **metrics}
             history.append(metrics)
             self.log(metrics, bar)
-            if cfg_t.log_completions_steps and self.due(cfg_t.log_completions_steps, at_end=False):
+            # multi-turn: sample episodes every logging_steps unless log_completions_steps says otherwise
+            every = cfg_t.log_completions_steps or (cfg_t.logging_steps if self.environment is not None else 0)
+            if every and self.due(every, at_end=False):
                 self.log_completions(rollout)
             out_of_time = cfg_t.max_seconds is not None and self.global_mean(
                 {"elapsed": torch.tensor(metrics["time/elapsed"])})["elapsed"] > cfg_t.max_seconds  # ranks agree
@@ -315,16 +331,20 @@ class PPOTrainer:
     def rollout(self, batch: dict, old_policy: bool = True) -> tuple[Rollout, dict]:
         """Sample responses and take their reference log-probs, and (`old_policy`) old log-probs and values."""
         acc, cfg_s = self.accelerator, self.config.sampling
+        if self.environment is not None:
+            return self.play_episodes(batch["rows"], old_policy)
         prompt_ids, prompt_mask = batch["prompt_ids"].to(acc.device), batch["prompt_mask"].to(acc.device)
         groups = self.config.ppo.num_generations  # each prompt's completions sit on consecutive rows
         if groups > 1:
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(groups, 0), prompt_mask.repeat_interleave(groups, 0)
             batch["prompts"] = [p for p in batch["prompts"] for _ in range(groups)]
+            batch["prompt_messages"] = [m for m in batch["prompt_messages"] for _ in range(groups)]
             batch["columns"] = {k: [v for v in vs for _ in range(groups)] for k, vs in batch["columns"].items()}
         unwrapped = acc.unwrap_model(self.model)
         unwrapped.eval()
         t0 = time.perf_counter()
-        with gathered_for_generation(self.model, acc) as lm:
+        # sampled under the same autocast as the forwards that score the tokens
+        with gathered_for_generation(self.model, acc) as lm, acc.autocast():
             response_ids, response_mask, ended = generate_responses(
                 lm,
                 prompt_ids,
@@ -340,18 +360,53 @@ class PPOTrainer:
         t1 = time.perf_counter()
         rollout = Rollout(
             prompt_ids, prompt_mask, response_ids, response_mask, ended,
-            prompts=batch["prompts"], columns=batch["columns"],
+            prompts=batch["prompts"], prompt_messages=batch["prompt_messages"], columns=batch["columns"],
         )
         rollout.completions = decode_responses(self.tokenizer, response_ids, response_mask, ended)
-        with acc.autocast():
+        self.score_rollout_tokens(rollout, old_policy)
+        unwrapped.train()
+        return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
+
+    @torch.no_grad()
+    def score_rollout_tokens(self, rollout: Rollout, old_policy: bool) -> None:
+        """Reference log-probs, and (`old_policy`) the old policy's log-probs and values, of a rollout."""
+        temperature = self.config.sampling.temperature
+        with self.accelerator.autocast():
             if old_policy:  # through the prepared model: FSDP/ZeRO-3 gather their shards per layer
-                rollout.logprobs, rollout.values = score_tokens(
-                    self.model, rollout, cfg_s.temperature, self.micro_batch_size
-                )
+                rollout.logprobs, rollout.values = score_tokens(self.model, rollout, temperature, self.micro_batch_size)
             with self.reference() as reference:
                 rollout.ref_logprobs, _ = score_tokens(
-                    reference, rollout, cfg_s.temperature, self.micro_batch_size, reference=True
+                    reference, rollout, temperature, self.micro_batch_size, reference=True
                 )
+
+    @torch.no_grad()
+    def play_episodes(self, rows: list[dict], old_policy: bool) -> tuple[Rollout, dict]:
+        """Multi-turn rollout: one environment per episode (num_generations per row), every turn batched.
+        The bot's tokens are the actions (response_mask); observations are context (context_mask)."""
+        acc, cfg_s, cfg_e = self.accelerator, self.config.sampling, self.config.environment
+        rows = [row for row in rows for _ in range(self.config.ppo.num_generations)]
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped.eval()
+        t0 = time.perf_counter()
+        with gathered_for_generation(self.model, acc) as lm, acc.autocast():
+            episodes: Episodes = run_episodes(
+                lm, self.tokenizer, [self.environment() for _ in rows], rows, max_turns=cfg_e.max_turns,
+                max_episode_tokens=cfg_e.max_episode_tokens, max_new_tokens=cfg_s.max_new_tokens,
+                temperature=cfg_s.temperature, top_k=cfg_s.top_k, top_p=cfg_s.top_p,
+                stop_token_ids=self.stop_token_ids, chunk_size=self.generation_batch_size, device=acc.device,
+            )
+        t1 = time.perf_counter()
+        rollout = Rollout(
+            episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.action_mask, episodes.ended,
+            context_mask=episodes.response_mask, turn_ends=episodes.turn_ends, num_turns=episodes.num_turns,
+            token_scores=episodes.turn_rewards, scores=torch.zeros(len(rows), device=acc.device),
+            prompts=episodes.prompts, completions=episodes.transcripts,
+        )
+        self.score_rollout_tokens(rollout, old_policy)
+        if unwrapped.v_head is not None:  # an episode cut before done goes on from V of its next state
+            with acc.autocast():
+                values = bootstrap_values(self.model, rollout, self.micro_batch_size)
+            rollout.final_values = values * (~rollout.ended).float()
         unwrapped.train()
         return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
 
@@ -369,10 +424,14 @@ class PPOTrainer:
         """Scores from every reward, weighted, scaled, clipped and EOS-penalised; token-level rewards;
         prefix scores for prefix_diff. Returns each reward's mean and the count of dropped samples."""
         cfg_r, cfg_s, device = self.config.reward, self.config.sampling, self.accelerator.device
+        if self.environment is not None:  # the environment scored every turn while the episode was played
+            rollout.reward_values = {"environment": rollout.token_scores.sum(dim=1)}
+            return {"invalid": 0.0}
         lengths = rollout.response_mask.sum(dim=1).tolist()
         completion_ids = [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)]
         result = compute_rewards(
             self.rewards, cfg_r.reward_weights, rollout.prompts, rollout.completions, rollout.columns,
+            prompt_messages=rollout.prompt_messages,
             completion_ids=completion_ids, skip_invalid=cfg_r.skip_invalid_rewards,
         )
         rollout.reward_values = result.rows
@@ -411,8 +470,10 @@ class PPOTrainer:
         if rollout.token_scores is not None:
             rewards = rewards + rollout.token_scores * mask
         if self.config.reward.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = self.whiten(rewards, mask, shift_mean=False)
         estimator, returns, whiten = cfg_p.advantage_estimator, None, cfg_p.whiten_advantages
+        if rollout.context_mask is not None:  # multi-turn: GAE over the bot's tokens, skipping observations
+            return self.episode_advantages(rollout, rewards, kl)
         if estimator == "gae":
             advantages, returns = compute_gae(rewards, rollout.values, mask, cfg_p.gamma, cfg_p.lam)
         elif estimator in ("grpo", "rloo"):
@@ -422,14 +483,47 @@ class PPOTrainer:
             advantages = group_fn(sequence_return, cfg_p.num_generations, valid=kept)[:, None] * mask
             whiten = whiten and estimator == "rloo"  # grpo is normalised per group already
         elif estimator == "reinforce_pp":
-            advantages, whiten = reinforce_pp_advantages(rewards, mask, cfg_p.gamma), False  # whitened inside
+            advantages = reinforce_pp_advantages(rewards, mask, cfg_p.gamma, reduce=self.sum_over_processes)
+            whiten = False  # whitened inside
         else:  # prefix_diff: the reward model's prefix scores as the critic of TD(0), A_t = r_t + Q_t - Q_{t-1}
             prefix, prompt_score = rollout.prefix_scores
             advantages = prefix_diff_advantages(prefix, prompt_score, mask, rewards)
         if whiten:
-            advantages = masked_whiten(advantages, mask)
+            advantages = self.whiten(advantages, mask)
         rollout.token_rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
         return kl
+
+    def episode_advantages(self, rollout: Rollout, rewards: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+        """Advantages of multi-turn episodes: each turn's reward on its last token, -beta * KL on every bot
+        token; gamma per turn boundary (discount: turn) or per bot token (token); episodes cut before done
+        bootstrap from V of their next state. Critic-free estimators take the episode's discounted return."""
+        cfg_p, mask = self.config.ppo, rollout.response_mask
+        turn_ends = rollout.turn_ends if self.config.environment.discount == "turn" else None
+        estimator, returns, whiten = cfg_p.advantage_estimator, None, cfg_p.whiten_advantages
+        if estimator == "gae":
+            advantages, returns = action_gae(rewards, rollout.values, mask, cfg_p.gamma, cfg_p.lam, turn_ends,
+                                             rollout.final_values)
+        else:
+            _, to_go = action_gae(rewards, torch.zeros_like(rewards), mask, cfg_p.gamma, 1.0, turn_ends)
+            if estimator == "reinforce_pp":  # the discounted return to go, whitened over the batch
+                advantages, whiten = self.whiten(to_go, mask), False
+            else:
+                first = mask.float().argmax(dim=1)  # first bot token: the episode's discounted return
+                episode_return = to_go.gather(1, first[:, None])[:, 0]
+                group_fn = grpo_advantages if estimator == "grpo" else rloo_advantages
+                advantages = group_fn(episode_return, cfg_p.num_generations)[:, None] * mask
+                whiten = whiten and estimator == "rloo"
+        if whiten:
+            advantages = self.whiten(advantages, mask)
+        rollout.token_rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
+        return kl
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), "sum")
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """Whitening with the mean and variance of the whole batch, over every process."""
+        return masked_whiten(x, mask, shift_mean=shift_mean, reduce=self.sum_over_processes)
 
     def optimize(self, rollout: Rollout) -> dict[str, float]:
         """ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches.
@@ -531,7 +625,7 @@ class PPOTrainer:
     def forward(self, batch: Rollout):
         """Training forward (with grad): log-probs (batch, resp_len), values or None, logits."""
         return forward_logprobs(
-            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.region_mask,
             self.config.sampling.temperature,
         )
 
@@ -623,6 +717,8 @@ class PPOTrainer:
             **{f"reward/{k}": torch.tensor(v * float(kept.sum())) for k, v in reward_means.items() if k != "invalid"},
             "reward/invalid": torch.tensor(reward_means.get("invalid", 0.0)),
         }
+        if rollout.num_turns is not None:  # multi-turn episodes
+            totals.update({"turns": rollout.num_turns.float().sum(), "episode_reward": rollout.token_scores.sum()})
         if rollout.values is not None:
             values, returns = rollout.values, rollout.returns
             totals.update({
@@ -645,6 +741,13 @@ class PPOTrainer:
             "reward/invalid": g["reward/invalid"],
             **{k: v / kept_rows for k, v in g.items() if k.startswith("reward/") and k != "reward/invalid"},
         }
+        if rollout.num_turns is not None:
+            out.update({
+                "episode/turns": g["turns"] / g["rows"],
+                "episode/return": g["episode_reward"] / g["rows"],  # undiscounted sum of the turn rewards
+                "episode/turn_reward": g["episode_reward"] / max(g["turns"], 1.0),
+                "episode/done_rate": g["ended"] / g["rows"],
+            })
         if rollout.values is not None:
             var_returns = g["return_sq"] / tokens - (g["return"] / tokens) ** 2
             out["value/mean"] = g["value"] / tokens
@@ -746,10 +849,26 @@ class PPOTrainer:
         acc.wait_for_everyone()
 
 
+def check_master_weights(policy: CausalLMWithValueHead) -> None:
+    """Refuse to train weights stored in half precision: an AdamW step of lr ~1e-6 is far below
+    bf16's resolution (8 bits of mantissa) for almost every weight, so most updates round away."""
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in policy.parameters()
+                   if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+    if half:
+        raise ConfigError(
+            f"the policy's trainable weights are {', '.join(half)}: AdamW would update them in that precision and "
+            "most small updates would round away. Load them in float32 (torch_dtype: float32) and compute in half "
+            "precision with accelerate's mixed precision (accelerate launch --mixed_precision bf16, or the "
+            "accelerate_configs/*.yaml files). With use_peft a half-precision base is fine: the adapters train in float32."
+        )
+
+
 def trim_responses(batch: Rollout) -> Rollout:
-    """Drop response columns that are padding in every row of this micro-batch."""
-    longest = max(int(batch.response_mask.sum(dim=1).max()), 1)
-    for name in ("response_ids", "response_mask", "logprobs", "values", "ref_logprobs",
+    """Drop response columns that are padding in every row of this micro-batch (multi-turn: columns
+    after the last bot token, whose observations no loss reads)."""
+    last = batch.response_mask * torch.arange(1, batch.response_mask.shape[1] + 1, device=batch.response_mask.device)
+    longest = max(int(last.max()), 1)
+    for name in ("response_ids", "response_mask", "context_mask", "turn_ends", "logprobs", "values", "ref_logprobs",
                  "token_rewards", "advantages", "returns"):
         tensor = getattr(batch, name)
         if tensor is not None:

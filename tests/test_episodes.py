@@ -227,7 +227,7 @@ def episode_setup(tmp_path_factory, tiny_model_dir):
         "model_name_or_path": str(tiny_model_dir), "dataset_name": str(root / "rows.jsonl"),
         "environment": f"{root / 'users.py'}:TwoTurns", "max_turns": 3, "max_episode_tokens": 12,
         "max_new_tokens": 3, "batch_size": 4, "num_mini_batches": 2, "learning_rate": 1e-3, "max_updates": 3,
-        "gamma": 0.9, "seed": 0, "progress_bar": False, "save_steps": 1,
+        "gamma": 0.9, "seed": 0, "progress_bar": False, "save_steps": 1, "logging_steps": 1,
     }
 
 
@@ -276,6 +276,11 @@ def test_multi_turn_ppo_runs_and_logs_episodes(episode_setup, tmp_path, use_peft
         assert row["episode/turns"] == pytest.approx(2.0) or row["episode/done_rate"] < 1
         for key in ("episode/return", "episode/turn_reward", "loss/policy", "loss/value", "kl/per_token"):
             assert torch.isfinite(torch.tensor(row[key])), key
+    # whole episodes are logged every logging_steps (here 1) to completions.jsonl
+    import json
+
+    logged = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert logged and "7" in logged[0]["completion"] and "reward/environment" in logged[0]
     if not use_peft:
         from transformers import AutoModelForCausalLM
 
@@ -348,3 +353,20 @@ def test_two_processes_play_episodes_and_agree(episode_setup, tmp_path):
     reports = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert reports[0]["digest"] == reports[1]["digest"]
     assert reports[0]["history"][-1]["episode/return"] == reports[1]["history"][-1]["episode/return"]
+
+
+def test_readme_example_environment_keeps_the_protocol():
+    """The README's example environment is real code: it loads and plays an episode by the protocol."""
+    import re
+    from pathlib import Path
+
+    from llm_rl.episodes import checked_step
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    source = re.search(r"```python\n(# my_env\.py.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(source, "README.md:my_env.py", "exec"), namespace)
+    env = namespace["Support"]()
+    assert "E42" in env.reset({"code": "E42", "answer": "line 7"})
+    assert checked_step(env, "Sorry! Could you send the trace?") == ("Here it is: line 7", pytest.approx(0.3), False)
+    assert checked_step(env, "It is line 7.") == (None, 1.0, True)

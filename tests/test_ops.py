@@ -193,3 +193,23 @@ def test_entropy_gradient_finite_with_neg_inf():
     logits = HAND_LOGITS.clone().requires_grad_(True)
     entropy_from_logits(logits).sum().backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_masked_whiten_with_statistics_summed_over_processes():
+    """Two 'processes' holding halves of a batch whiten each half with the statistics of the whole."""
+    from llm_rl.ops import masked_moments
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5) * 3 + 1
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1],
+                         [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+    whole = masked_whiten(x, mask)
+    halves = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    for i, (xi, mi) in enumerate(halves):
+        other = masked_moments(*halves[1 - i])
+        out = masked_whiten(xi, mi, reduce=lambda local, other=other: local + other)
+        torch.testing.assert_close(out, whole[3 * i : 3 * i + 3], atol=1e-5, rtol=1e-5)
+    # each half alone is whitened differently: the statistics really come from both
+    assert not torch.allclose(masked_whiten(x[:3], mask[:3]), whole[:3], atol=1e-3)
+    # and the summed path agrees with the two-pass one on a single process
+    torch.testing.assert_close(masked_whiten(x, mask, reduce=lambda t: t), whole, atol=1e-6, rtol=1e-6)
