@@ -70,12 +70,14 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     defaults = DialogueOptions()
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--output_dir", default=defaults.output_dir)
-    parser.add_argument("--max_updates", type=int, default=defaults.max_updates, help="PPO updates per gamma")
+    parser.add_argument("--max_updates", type=int, default=None, help="PPO updates per gamma (default: the recipe's)")
     parser.add_argument("--warm_start_steps", type=int, default=defaults.warm_start_steps)
     parser.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a run")
+    parser.add_argument("--prepare_only", action="store_true", help="only build the warm-started model and rows")
     args = parser.parse_args(argv)
     run_dialogue_demo(DialogueOptions(output_dir=args.output_dir, seed=args.seed, max_updates=args.max_updates,
-                                      warm_start_steps=args.warm_start_steps, overwrite=args.overwrite))
+                                      warm_start_steps=args.warm_start_steps, overwrite=args.overwrite,
+                                      prepare_only=args.prepare_only))
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -23,26 +24,28 @@ from llm_rl.config import Config
 from llm_rl.tasks import arithmetic, dialogue
 
 GAMMAS = (0.9, 0.0)
+DIALOGUE_CONFIG = Path(__file__).parent / "tasks" / "dialogue_ppo.yaml"
 
 
 @dataclass
 class DialogueOptions:
     output_dir: str = "outputs/demo_dialogue"
     seed: int = 0
-    max_updates: int = 80
+    max_updates: Optional[int] = None  # default from the YAML recipe (80)
     warm_start_steps: int = 300
     overwrite: bool = False
+    prepare_only: bool = False  # build the warm start and the rows, then stop (for recipes/configs/dialogue.yaml)
 
 
 def ppo_config(options: DialogueOptions, gamma: float, warm_dir: Path, data_file: Path, out_dir: Path) -> Config:
-    return Config.from_dict({
-        "model_name_or_path": str(warm_dir), "dataset_name": str(data_file),
-        "environment": "llm_rl.tasks.dialogue:DebugUser", "max_turns": 3, "max_episode_tokens": 16, "discount": "turn",
-        "max_new_tokens": 2, "temperature": 1.0, "batch_size": 64, "ppo_epochs": 2, "num_mini_batches": 2,
-        "learning_rate": 3e-4, "lr_scheduler_type": "linear", "gamma": gamma, "lam": 1.0, "kl_coef": 0.0, "vf_coef": 0.5, "clip_range_value": None,
-        "max_updates": options.max_updates, "eval_steps": 10, "logging_steps": 10, "seed": options.seed,
-        "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite, "progress_bar": False,
-    })
+    """The recipe (llm_rl/tasks/dialogue_ppo.yaml) with this run's model, rows, gamma, seed and folder."""
+    config = Config.from_yaml(DIALOGUE_CONFIG)
+    config.update({"model_name_or_path": str(warm_dir), "dataset_name": str(data_file), "gamma": gamma,
+                   "seed": options.seed, "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite,
+                   "progress_bar": False})
+    if options.max_updates is not None:
+        config.update({"max_updates": options.max_updates})
+    return config
 
 
 @torch.no_grad()
@@ -85,6 +88,9 @@ def run_dialogue_demo(options: DialogueOptions) -> dict:
     tokenizer.save_pretrained(warm_dir)
     data_file.parent.mkdir(parents=True, exist_ok=True)
     data_file.write_text("".join(json.dumps(row) + "\n" for row in train))
+    if options.prepare_only:
+        print(f"[demo] warm-started policy in {warm_dir}, episode rows in {data_file}")
+        return {}
     before = {"greedy": dialogue.behaviour(lm, tokenizer, heldout, greedy=True),
               "sampled": dialogue.behaviour(lm, tokenizer, heldout * 10, greedy=False)}
     print(f"[demo] before PPO: sampled ask {before['sampled']['ask_rate']:.2f} / apologise "

@@ -877,8 +877,8 @@ def trim_responses(batch: Rollout) -> Rollout:
 
 
 def summary_line(metrics: dict) -> str:
-    keys = [("score/mean", "score"), ("kl/per_sequence", "kl"), ("kl/beta", "beta"), ("entropy", "ent"),
-            ("loss/policy", "pg"), ("loss/value", "vf"), ("policy/clipfrac", "clip"),
+    keys = [("score/mean", "score"), ("episode/return", "return"), ("episode/turns", "turns"),
+            ("kl/per_sequence", "kl"), ("kl/beta", "beta"), ("entropy", "ent"), ("loss/policy", "pg"), ("loss/value", "vf"), ("policy/clipfrac", "clip"),
             ("response/length", "len"), ("time/update", "s")]
     parts = [f"update {metrics['update']}"]
     parts += [f"{short} {metrics[k]:.4g}" for k, short in keys if k in metrics and math.isfinite(metrics[k])]

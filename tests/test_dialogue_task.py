@@ -3,7 +3,6 @@ compares the value head with (checked against a Monte Carlo estimate)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from llm_rl.tasks import arithmetic, dialogue

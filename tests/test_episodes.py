@@ -32,6 +32,21 @@ def test_turn_discount_gives_the_design_returns_exactly():
     assert returns[0, 5].item() == pytest.approx(1.2 + 0.9 * 1.7 + 0.81 * 1.5 + 0.729 * 1.8, abs=1e-12)
 
 
+def test_token_discount_on_the_design_example():
+    """With one-token turns the token discount is the turn discount: DESIGN.md's sums again; with three
+    tokens a turn it discounts inside turns too, so the same rewards are worth less."""
+    one = [turn_layout(r, tokens_per_turn=1) for r in DESIGN_TURNS]
+    rewards, actions, _ = (torch.stack(x) for x in zip(*one))
+    _, returns = action_gae(rewards, torch.zeros_like(rewards), actions, gamma=0.9, lam=1.0)
+    assert returns[:, 0].tolist() == pytest.approx([6.03148, 6.79706], abs=1e-12)
+    three = [turn_layout(r, tokens_per_turn=3) for r in DESIGN_TURNS]
+    rewards, actions, _ = (torch.stack(x) for x in zip(*three))
+    _, returns = action_gae(rewards, torch.zeros_like(rewards), actions, gamma=0.9, lam=1.0)
+    # reward k sits on action token 3k + 2 of the episode: G_0 = sum_k 0.9 ** (3k + 2) * r_k
+    expected = [sum(0.9 ** (3 * k + 2) * r for k, r in enumerate(turns)) for turns in DESIGN_TURNS]
+    assert returns[:, 0].tolist() == pytest.approx(expected, abs=1e-12)
+
+
 def test_token_discount_counts_every_action_token_but_no_observation():
     rewards, actions, _ = turn_layout([1.0, 2.0], tokens_per_turn=2, obs_tokens=3)
     _, returns = action_gae(rewards[None], torch.zeros(1, 10, dtype=torch.float64), actions[None], gamma=0.5, lam=1.0)

@@ -19,13 +19,22 @@ PPO_CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml")) + [
 def test_ppo_configs_validate(path):
     config = Config.from_yaml(path)
     assert config.model.model_name_or_path and config.data.dataset_name
-    assert config.reward.reward_funcs or config.reward.reward_model_name_or_path
+    assert config.reward.reward_funcs or config.reward.reward_model_name_or_path or config.environment.environment
 
 
 def test_addition_recipe_is_the_demo_run():
     recipe, demo = load_yaml(ROOT / "recipes" / "configs" / "addition.yaml"), load_yaml(DEMO_CONFIG)
     training_keys = set(demo) - {"eval_steps", "logging_steps"}  # evaluation needs the demo's held-out set
     assert {k: recipe.get(k) for k in training_keys} == {k: demo[k] for k in training_keys}
+
+
+def test_dialogue_recipe_is_the_demos_far_sighted_run():
+    from llm_rl.demo_dialogue import DIALOGUE_CONFIG
+
+    recipe, demo = load_yaml(ROOT / "recipes" / "configs" / "dialogue.yaml"), load_yaml(DIALOGUE_CONFIG)
+    training_keys = set(demo) - {"eval_steps"}  # the demo's evaluation is its eval_fn on held-out bug reports
+    assert {k: recipe.get(k) for k in training_keys} == {k: demo[k] for k in training_keys}
+    assert recipe["gamma"] == 0.9
 
 
 def test_reward_model_config_validates():
