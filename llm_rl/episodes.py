@@ -170,11 +170,18 @@ def run_episodes(
     chunk_size: int,
     do_sample: bool = True,
     device=None,
+    max_prompt_length: Optional[int] = None,
 ) -> Episodes:
     """Play one episode per environment, all turns of all episodes batched: each turn, the episodes
     still running generate together (KV cache within the turn), then each environment answers."""
     pad = tokenizer.pad_token_id
     episodes = [_Conversation(tokenizer, env.reset(row)) for env, row in zip(environments, rows)]
+    for env, ep in zip(environments, episodes):
+        if max_prompt_length is not None and len(ep.prompt) > max_prompt_length:
+            raise EpisodeError(
+                f"{type(env).__name__}.reset returned a first observation of {len(ep.prompt)} tokens, over "
+                f"max_prompt_length={max_prompt_length}: raise max_prompt_length or shorten it"
+            )
     for _ in range(max_turns):
         running = [i for i, ep in enumerate(episodes) if not ep.done and not ep.cut]
         if not running:

@@ -394,6 +394,7 @@ class PPOTrainer:
                 max_episode_tokens=cfg_e.max_episode_tokens, max_new_tokens=cfg_s.max_new_tokens,
                 temperature=cfg_s.temperature, top_k=cfg_s.top_k, top_p=cfg_s.top_p,
                 stop_token_ids=self.stop_token_ids, chunk_size=self.generation_batch_size, device=acc.device,
+                max_prompt_length=self.config.data.max_prompt_length,
             )
         t1 = time.perf_counter()
         rollout = Rollout(

@@ -385,3 +385,25 @@ def test_readme_example_environment_keeps_the_protocol():
     assert "E42" in env.reset({"code": "E42", "answer": "line 7"})
     assert checked_step(env, "Sorry! Could you send the trace?") == ("Here it is: line 7", pytest.approx(0.3), False)
     assert checked_step(env, "It is line 7.") == (None, 1.0, True)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("nan", "non-finite reward"), ("none", "no observation but done=False"), ("pair", "must return"),
+    ("long", "over max_prompt_length=8"),
+])
+def test_environment_mistakes_are_named(tiny_model_dir, tiny_tokenizer, bad, message):
+    from transformers import AutoModelForCausalLM
+
+    from llm_rl.episodes import EpisodeError, run_episodes
+
+    class Broken:
+        def reset(self, row):
+            return "1+2=" * (5 if bad == "long" else 1)
+
+        def step(self, response):
+            return {"nan": ("1", float("nan"), False), "none": (None, 1.0, False), "pair": ("1", 1.0)}[bad]
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with pytest.raises(EpisodeError, match=message):
+        run_episodes(lm, tiny_tokenizer, [Broken()], [{}], max_turns=2, max_episode_tokens=20, max_new_tokens=2,
+                     temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[1], chunk_size=1, max_prompt_length=8)
