@@ -43,7 +43,7 @@ from llm_rl.episodes import Episodes, load_environment, run_episodes
 from llm_rl.evaluation import Evaluator
 from llm_rl.hub import push_folder, write_model_card
 from llm_rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from llm_rl.losses import aggregate_loss, loss_normalizer, policy_loss, value_loss
+from llm_rl.losses import loss_normalizer, ppo_objective
 from llm_rl.metrics import log_table, read_metrics, reduce_scalars, write_completions
 from llm_rl.modeling import CausalLMWithValueHead, disable_dropout, gathered_for_generation
 from llm_rl.ops import entropy_from_logits, masked_whiten
@@ -641,49 +641,25 @@ class PPOTrainer:
         Every term (policy, value, entropy, KL) is this micro-batch's share of its mini-batch's mean: the
         sum of its per-token (or per-sequence) terms over `normalizer`, the mini-batch's global count."""
         cfg_p, acc = self.config.ppo, self.accelerator
-        mask, agg = batch.response_mask, cfg_p.loss_agg
-        pg_loss, pg_stats = policy_loss(
-            logprobs, batch.logprobs, batch.advantages, mask,
-            clip_range=cfg_p.clip_range, dual_clip=cfg_p.dual_clip, loss_agg=agg, normalizer=normalizer,
+        loss, stats = ppo_objective(
+            logprobs, batch.logprobs, batch.advantages, batch.response_mask,
+            token_entropy=entropy_from_logits(logits.detach() if cfg_p.ent_coef == 0 else logits,
+                                              self.config.sampling.temperature),
+            values=values, old_values=batch.values, returns=batch.returns,
+            ref_logprobs=batch.ref_logprobs if cfg_p.kl_placement == "loss" else None,
+            clip_range=cfg_p.clip_range, dual_clip=cfg_p.dual_clip, clip_range_value=cfg_p.clip_range_value,
+            vf_coef=cfg_p.vf_coef, ent_coef=cfg_p.ent_coef, kl_coef=self.kl_controller.value,
+            kl_estimator=cfg_p.kl_estimator_in_use, loss_agg=cfg_p.loss_agg, normalizer=normalizer,
         )
-        vf_loss, vf_stats = torch.zeros((), device=logprobs.device), {}
-        if values is not None:
-            vf_loss, vf_stats = value_loss(
-                values.float(), batch.values, batch.returns, mask,
-                clip_range_value=cfg_p.clip_range_value, loss_agg=agg, normalizer=normalizer,
-            )
-        token_entropy = entropy_from_logits(logits.detach() if cfg_p.ent_coef == 0 else logits,
-                                            self.config.sampling.temperature)
-        entropy = aggregate_loss(token_entropy, mask, agg, normalizer)
-        loss = pg_loss + cfg_p.vf_coef * vf_loss - cfg_p.ent_coef * entropy
-        terms = {}
-        if cfg_p.kl_placement == "loss":
-            token_kl = kl_penalty(logprobs, batch.ref_logprobs, cfg_p.kl_estimator_in_use, mask)
-            terms["loss/kl"] = aggregate_loss(token_kl, mask, agg, normalizer)
-            loss = loss + self.kl_controller.value * terms["loss/kl"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"update {self.update + 1}: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}); "
-                "lower learning_rate, check rewards for huge values, or set max_grad_norm"
+                f"update {self.update + 1}: the loss is {loss.item()} (policy {stats['loss/policy'].item()}, value "
+                f"{stats['loss/value'].item()}); lower learning_rate, check rewards for huge values, or set max_grad_norm"
             )
         # accelerate divides the loss by gradient_accumulation_steps (DeepSpeed's engine too), and DDP, FSDP and
         # DeepSpeed average gradients over processes: undo both, so that the shares' gradients add up, over
         # micro-batches and processes, to the gradient of the mini-batch's mean
         acc.backward(loss * (acc.gradient_accumulation_steps * acc.num_processes))
-        valid = mask.bool()
-        ratio_dev = (logprobs.detach() - batch.logprobs).exp().sub(1).abs().masked_fill(~valid, 0).max()
-        stats = {
-            "loss/policy": pg_loss.detach(),
-            "loss/value": vf_loss.detach(),
-            "loss/total": loss.detach(),
-            "entropy": entropy.detach(),
-            **{k: v.detach() for k, v in terms.items()},
-            "policy/clipfrac": pg_stats["clipfrac"],
-            "policy/approx_kl": pg_stats["approx_kl"],
-            "policy/ratio_max_dev": ratio_dev,
-        }
-        if vf_stats:
-            stats.update({"value/clipfrac": vf_stats["vf_clipfrac"], "value/error": vf_stats["value_error"]})
         return stats
 
     def check_first_ratio(self, max_dev: torch.Tensor) -> None:

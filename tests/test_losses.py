@@ -208,3 +208,35 @@ def test_value_loss_gradient():
     # tok2: max tie -> gradient flows through one branch, 0.5*2*(0.5-0)/4 = 0.125
     # tok3: unclipped branch, 0.5*2*(3-2)/4 = 0.25
     close(v.grad, [[0.0, 0.0, 0.125, 0.25, 0.0]])
+
+
+def test_ppo_objective_by_hand():
+    """ratios 1 and 2, advantages +1 and -1, clip 0.2: token losses -1 and max(2, 1.2) = 2 -> policy 0.5;
+    value 0.5 * mean(0.5^2, 0) = 0.0625; entropy mean(1, 3) = 2; k2 KL mean(0, 0.5 ln(2)^2)."""
+    import math
+
+    from llm_rl.losses import ppo_objective
+
+    logprobs = torch.tensor([[0.0, math.log(2.0)]], requires_grad=True)
+    values = torch.tensor([[0.5, 1.0]], requires_grad=True)
+    loss, stats = ppo_objective(
+        logprobs, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2),
+        token_entropy=torch.tensor([[1.0, 3.0]]), values=values, old_values=torch.tensor([[0.5, 0.5]]),
+        returns=torch.ones(1, 2), ref_logprobs=torch.zeros(1, 2), clip_range=0.2, clip_range_value=None,
+        vf_coef=0.1, ent_coef=0.01, kl_coef=0.1, kl_estimator="k2",
+    )
+    kl = 0.25 * math.log(2.0) ** 2
+    assert stats["loss/policy"].item() == pytest.approx(0.5)
+    assert stats["loss/value"].item() == pytest.approx(0.0625)
+    assert stats["entropy"].item() == pytest.approx(2.0)
+    assert stats["loss/kl"].item() == pytest.approx(kl)
+    assert loss.item() == pytest.approx(0.5 + 0.1 * 0.0625 - 0.01 * 2.0 + 0.1 * kl)
+    assert stats["loss/total"].item() == pytest.approx(loss.item())
+    assert stats["policy/ratio_max_dev"].item() == pytest.approx(1.0)
+    assert stats["policy/clipfrac"].item() == 0.0  # the pessimistic max takes the unclipped term at both tokens
+    loss.backward()
+    assert logprobs.grad is not None and values.grad is not None
+    # no critic, no KL term: only the policy and the entropy
+    loss, stats = ppo_objective(logprobs.detach(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2),
+                                token_entropy=torch.tensor([[1.0, 3.0]]), ent_coef=0.01)
+    assert loss.item() == pytest.approx(0.5 - 0.02) and "loss/kl" not in stats and stats["loss/value"] == 0
