@@ -9,6 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "action_gae": "advantages",
     "compute_gae": "advantages",
     "discounted_returns": "advantages",
     "grpo_advantages": "advantages",
@@ -21,11 +22,13 @@ _EXPORTS = {
     "FixedKLController": "kl",
     "kl_penalty": "kl",
     "policy_loss": "losses",
+    "ppo_objective": "losses",
     "value_loss": "losses",
     "CausalLMWithValueHead": "modeling",
     "entropy_from_logits": "ops",
     "logprobs_from_logits": "ops",
     "masked_mean": "ops",
+    "masked_moments": "ops",
     "masked_var": "ops",
     "masked_whiten": "ops",
     "RewardModel": "rewards",

@@ -55,24 +55,9 @@ def compute_gae(
     values/rewards at padded positions never leak into valid ones; padded
     positions get advantage 0 and return 0.
     Reference: Schulman et al. 2016, "High-Dimensional Continuous Control Using
-    Generalized Advantage Estimation", eq. 16.
+    Generalized Advantage Estimation", eq. 16. The single-turn case of `action_gae`.
     """
-    m = mask.to(values.dtype)
-    resp_len = rewards.shape[1]
-    next_value = torch.zeros_like(values[:, 0])
-    next_adv = torch.zeros_like(values[:, 0])
-    advs = []
-    # resp_len is short (hundreds), so a loop over time is cheap and keeps the
-    # recursion readable; the batch dimension stays vectorised.
-    for t in reversed(range(resp_len)):
-        next_m = m[:, t + 1] if t + 1 < resp_len else torch.zeros_like(m[:, 0])
-        delta = rewards[:, t] + gamma * next_m * next_value - values[:, t]
-        next_adv = delta + gamma * lam * next_m * next_adv
-        next_value = values[:, t]
-        advs.append(next_adv)
-    advantages = torch.stack(advs[::-1], dim=1) * m
-    returns = (advantages + values) * m
-    return advantages, returns
+    return action_gae(rewards, values, mask, gamma, lam)
 
 
 def _grouped(scores: Tensor, group_size: int) -> Tensor:

@@ -74,10 +74,11 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     parser.add_argument("--warm_start_steps", type=int, default=defaults.warm_start_steps)
     parser.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a run")
     parser.add_argument("--prepare_only", action="store_true", help="only build the warm-started model and rows")
+    parser.add_argument("--num_heldout", type=int, default=defaults.num_heldout, help="held-out bug reports (<= 20)")
     args = parser.parse_args(argv)
     run_dialogue_demo(DialogueOptions(output_dir=args.output_dir, seed=args.seed, max_updates=args.max_updates,
                                       warm_start_steps=args.warm_start_steps, overwrite=args.overwrite,
-                                      prepare_only=args.prepare_only))
+                                      prepare_only=args.prepare_only, num_heldout=args.num_heldout))
     return 0
 
 

@@ -35,6 +35,7 @@ class DialogueOptions:
     warm_start_steps: int = 300
     overwrite: bool = False
     prepare_only: bool = False  # build the warm start and the rows, then stop (for recipes/configs/dialogue.yaml)
+    num_heldout: int = 20  # held-out bug reports evaluated (at most 20)
 
 
 def ppo_config(options: DialogueOptions, gamma: float, warm_dir: Path, data_file: Path, out_dir: Path) -> Config:
@@ -75,6 +76,7 @@ def run_dialogue_demo(options: DialogueOptions) -> dict:
     out_dir = Path(options.output_dir)
     warm_dir, data_file = out_dir / "warm_start", out_dir / "data" / "train.jsonl"
     train, heldout = dialogue.make_rows(options.seed)
+    heldout = heldout[: options.num_heldout]
     if (out_dir / "summary.json").exists() and not options.overwrite:
         raise SystemExit(f"{out_dir} already holds a run; pass --overwrite or another --output_dir")
 

@@ -103,3 +103,13 @@ def assert_hub_valid_card(path):
 def hub_card():
     """`assert_hub_valid_card`, for tests that check the cards the package writes."""
     return assert_hub_valid_card
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Every run builds its own Accelerator; forget the process-wide accelerate state after the test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

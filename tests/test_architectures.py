@@ -39,14 +39,9 @@ from llm_rl.rollout import (
 from llm_rl.tasks.arithmetic import build_tokenizer
 from llm_rl.trainer import PPOTrainer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
 
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))

@@ -17,19 +17,14 @@ from llm_rl.reward_training import RewardTrainingConfig, tokenize_pairs
 from llm_rl.rewards import RewardError, RewardModel, sequence_scores
 from llm_rl.trainer import PPOTrainer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}={% else %}"
     "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def bos_tokenizer() -> PreTrainedTokenizerFast:

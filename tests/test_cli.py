@@ -142,3 +142,20 @@ def test_demo_command(tmp_path):
                             timeout=120)
     assert loaded.returncode == 0, explain(loaded)
     assert "loaded GPT2LMHeadModel" in loaded.stdout
+
+
+def test_dialogue_demo_command(tmp_path):
+    out = tmp_path / "dialogue"
+    proc = run_cli(["demo", "--task", "dialogue", "--max_updates", "2", "--num_heldout", "2", "--output_dir", str(out)],
+                   tmp_path, timeout=600)
+    assert proc.returncode == 0, explain(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"0.9", "0.0"}
+    for run in summary["runs"].values():
+        assert run["updates"] == 2
+        value = run["value"]
+        assert math.isfinite(value["value"]) and 0 <= value["exact_return"] <= 1.75 and value["pruned_mass"] < 0.05
+        assert 0 <= run["after"]["greedy"]["ask_rate"] <= 1
+    assert 0.2 < summary["before"]["sampled"]["ask_rate"] < 0.8  # the warm start picks either behaviour
+    assert (out / "dialogue.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gamma 0.9" in proc.stdout and "exact return" in proc.stdout

@@ -8,6 +8,8 @@ import torch
 
 from llm_rl.advantages import action_gae, compute_gae
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
+
 DESIGN_TURNS = [[1.3, 1.2, 1.7, 1.5, 1.8], [1.7, 1.5, 1.8, 1.7, 1.6]]  # DESIGN.md's two chatbot episodes
 
 
@@ -221,13 +223,6 @@ class TwoTurns:
 '''
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from llm_rl.config import Config
 from llm_rl.rollout import Rollout
 from llm_rl.trainer import SHARE_STATS, PPOTrainer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
+
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 # same parameters to 1e-5 relative to the parameters; the difference relative to the update itself is what
 # shows: 0.4 to 0.8 before the fix for accumulation 2 and 4, 2e-6 to 6e-6 after (float32 rounding)
@@ -48,14 +50,6 @@ def lr_case(schedule: str) -> dict:
                 num_mini_batches=STEPS_PER_UPDATE)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every trainer builds its own Accelerator; forget the process-wide accelerate state between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def fresh_state():

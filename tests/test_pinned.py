@@ -10,6 +10,8 @@ from llm_rl.config import Config
 from llm_rl.pipeline import run_ppo
 from llm_rl.tasks import arithmetic
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
+
 REWARD_SOURCE = """
 def sevens(prompts, completions, **columns):
     return [c.count("7") / len(c) if c else 0.0 for c in completions]
@@ -28,13 +30,6 @@ PINNED_FUSED = {  # 1 epoch x 1 mini-batch: the fused update (policy loss 0 up t
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("fused", [False, True])

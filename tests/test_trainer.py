@@ -22,6 +22,8 @@ import llm_rl.trainer as trainer_module
 from llm_rl.config import Config, ConfigError
 from llm_rl.pipeline import load_policy, load_tokenizer, run_ppo
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
+
 REWARD_SOURCE = '''
 def sevens(prompts, completions, **columns):
     """Fraction of the completion's characters that are the digit 7 (0 for an empty completion)."""
@@ -33,14 +35,6 @@ PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (17, 5), (123, 45), (7, 77), (30, 3)
                                     (5, 5), (61, 250), (8, 0), (42, 42), (300, 7), (2, 96), (71, 17), (6, 600)]]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every run builds its own Accelerator; forget the process-wide accelerate state between tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,11 @@ from llm_rl.plotting import curve_panels
 from llm_rl.rewards import RewardError
 from llm_rl.tasks import arithmetic
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every run builds its own Accelerator; forget the process-wide accelerate state between tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture
