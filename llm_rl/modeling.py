@@ -99,7 +99,13 @@ class CausalLMWithValueHead(nn.Module):
         self.config = lm.config
         # FSDP's transformer auto-wrap reads the layer classes from the model it is given
         self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
-        hidden_size = lm.get_output_embeddings().in_features
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        if head is None or not hasattr(head, "in_features"):  # logits and V are read where the lm head is applied
+            raise ModelLoadError(
+                f"{type(lm).__name__} has no linear lm head (get_output_embeddings() gives {type(head).__name__}): "
+                "load a causal LM (AutoModelForCausalLM), not a base model or another head"
+            )
+        hidden_size = head.in_features
         self.v_head: Optional[nn.Linear] = None
         if value_head:
             # fp32 head: values feed a regression loss whose scale differs from the LM's.

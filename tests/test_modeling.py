@@ -144,3 +144,13 @@ def test_forward_response_start_slices(tiny_lm, response_start):
     n = ids.shape[1] - response_start
     assert logits.shape == (1, n, tiny_lm.config.vocab_size) and values.shape == (1, n)
     torch.testing.assert_close(logits[0], tiny_lm(ids).logits[0, response_start - 1 : -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_an_lm_head_is_refused():
+    from transformers import GPT2Model
+
+    from llm_rl.config import ModelLoadError
+
+    base = GPT2Model(GPT2Config(vocab_size=15, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ModelLoadError, match="no linear lm head"):
+        CausalLMWithValueHead(base)
