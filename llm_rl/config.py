@@ -587,7 +587,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "scale_rewards": ("whiten_advantages", "grpo always divides by the group std"),
     "n_samples_per_prompt": ("num_generations", ""),
     "bf16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision bf16`); "
-                            "torch_dtype: bfloat16 loads the weights in bf16"),
+                            "torch_dtype: bfloat16 is for a frozen LoRA base only (trained weights stay float32)"),
     "fp16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision fp16`)"),
     "lr": ("learning_rate", ""),
     "actor_learning_rate": ("learning_rate", "one optimizer trains policy and value head; vf_coef weights the value loss"),

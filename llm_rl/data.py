@@ -74,6 +74,17 @@ def render_prompt(value, tokenizer, column: str, row: int) -> str:
     raise DataError(f"row {row}: column '{column}' must be a string or a list of chat messages, got {type(value)}")
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align token lists for generation: (ids (batch, longest), mask (batch, longest))."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, longest - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, longest - len(seq) :] = 1
+    return ids, mask
+
+
 class PromptData:
     """Tokenized prompts plus the other columns (passed to reward functions)."""
 
@@ -122,13 +133,7 @@ class PromptData:
 
     def batch(self, indices: list[int], device=None) -> dict:
         """Left-padded prompt ids and mask (batch, prompt_len), texts and the other columns."""
-        longest = max(len(self.ids[i]) for i in indices)
-        prompt_ids = torch.full((len(indices), longest), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(indices), longest), dtype=torch.long)
-        for row, i in enumerate(indices):
-            ids = self.ids[i]
-            prompt_ids[row, longest - len(ids) :] = torch.tensor(ids)
-            prompt_mask[row, longest - len(ids) :] = 1
+        prompt_ids, prompt_mask = left_pad([self.ids[i] for i in indices], self.pad_token_id)
         return {
             "prompt_ids": prompt_ids.to(device),
             "prompt_mask": prompt_mask.to(device),

@@ -24,6 +24,7 @@ from typing import Optional, Protocol, Union
 import torch
 
 from llm_rl.config import UserError
+from llm_rl.data import left_pad
 from llm_rl.rollout import generate_responses
 
 Observation = Union[str, list]
@@ -133,16 +134,6 @@ def checked_step(environment, response: str) -> tuple[Optional[Observation], flo
     if not done and observation is None:
         raise EpisodeError(f"{name}.step returned no observation but done=False; return the user's next turn")
     return observation, reward, bool(done)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, longest - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, longest - len(seq) :] = 1
-    return ids, mask
 
 
 def right_pad(rows: list[list], width: int, fill, dtype) -> torch.Tensor:

@@ -106,6 +106,7 @@ class CausalLMWithValueHead(nn.Module):
                 "load a causal LM (AutoModelForCausalLM), not a base model or another head"
             )
         hidden_size = head.in_features
+        self.keeps_logits = accepts_logits_to_keep(lm)  # checked once: the forward's signature does not change
         self.v_head: Optional[nn.Linear] = None
         if value_head:
             # fp32 head: values feed a regression loss whose scale differs from the LM's.
@@ -121,7 +122,7 @@ class CausalLMWithValueHead(nn.Module):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         n = input_ids.shape[1] - response_start  # response positions
         lm = unwrap_transformers_model(self.pretrained_model)
-        kwargs = {"logits_to_keep": n + 1} if accepts_logits_to_keep(lm) else {}
+        kwargs = {"logits_to_keep": n + 1} if self.keeps_logits else {}
         with reading_lm_head_input(lm, enabled=self.v_head is not None) as head_input:
             logits = self.pretrained_model(
                 input_ids=input_ids,

@@ -472,9 +472,9 @@ class PPOTrainer:
             rewards = rewards + rollout.token_scores * mask
         if self.config.reward.whiten_rewards:
             rewards = self.whiten(rewards, mask, shift_mean=False)
-        estimator, returns, whiten = cfg_p.advantage_estimator, None, cfg_p.whiten_advantages
         if rollout.context_mask is not None:  # multi-turn: GAE over the bot's tokens, skipping observations
             return self.episode_advantages(rollout, rewards, kl)
+        estimator, returns, whiten = cfg_p.advantage_estimator, None, cfg_p.whiten_advantages
         if estimator == "gae":
             advantages, returns = compute_gae(rewards, rollout.values, mask, cfg_p.gamma, cfg_p.lam)
         elif estimator in ("grpo", "rloo"):

@@ -152,15 +152,14 @@ def supervised_warm_start(
 def complete(lm, tokenizer, problems: Sequence[Problem], greedy: bool, temperature: float = 1.0,
              max_new_tokens: int = 6):
     """Answer every problem in one batch: (texts, rollout) with the prompts, responses and masks."""
+    from llm_rl.data import left_pad
     from llm_rl.rollout import Rollout, decode_responses, generate_responses
 
     was_training = lm.training
     lm.eval()
-    ids = [tokenizer(p.prompt).input_ids for p in problems]
-    longest = max(map(len, ids))
     device = next(lm.parameters()).device
-    prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(i)) + i for i in ids], device=device)
-    prompt_mask = torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in ids], device=device)
+    prompt_ids, prompt_mask = left_pad([tokenizer(p.prompt).input_ids for p in problems], tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     response_ids, response_mask, ended = generate_responses(
         lm, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
         stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, chunk_size=len(problems),

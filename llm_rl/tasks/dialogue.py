@@ -131,14 +131,15 @@ def exact_return(lm, tokenizer, row: dict, gamma: float, temperature: float = 1.
     (one token then EOS, or two tokens cut at max_new_tokens=2) with its probability under the
     policy and the environment's deterministic answer; branches below `prune` probability are dropped.
     Returns (expected return, probability mass dropped)."""
+    from llm_rl.data import left_pad
+    from llm_rl.modeling import position_ids_from_mask
+
     eos = tokenizer.eos_token_id
 
     def next_token_probs(contexts: list[list[int]]) -> torch.Tensor:  # (n, vocab)
-        width = max(map(len, contexts))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in contexts])
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+        ids, mask = left_pad(contexts, tokenizer.pad_token_id)
+        logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+        logits = logits.float()
         return torch.softmax(logits / temperature, dim=-1)
 
     dropped = 0.0
