@@ -70,6 +70,7 @@ def run_one(estimator: str, seed: int, warm_dir: Path, data_file: Path, heldout,
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    from llm_rl.callbacks import Evaluate
     from llm_rl.config import Config
     from llm_rl.demo import DEMO_CONFIG, evaluate
     from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
@@ -88,15 +89,15 @@ def run_one(estimator: str, seed: int, warm_dir: Path, data_file: Path, heldout,
     config.validate()
     accelerator = Accelerator()
     tokenizer = load_tokenizer(str(warm_dir))
-    def eval_fn(trainer):  # ground-truth exact match, whatever reward the estimator trains on
+    def held_out(trainer):  # ground-truth exact match, whatever reward the estimator trains on
         return evaluate(trainer.accelerator.unwrap_model(trainer.model), trainer.reference, tokenizer, heldout,
                         config.sampling.temperature)
 
     trainer = PPOTrainer(config, load_policy(config, tokenizer), tokenizer, load_prompts(config, tokenizer),
-                         load_rewards(config), accelerator=accelerator, eval_fn=eval_fn)
+                         load_rewards(config), accelerator=accelerator, callbacks=[Evaluate(held_out)])
     start = time.perf_counter()
     history = trainer.train()
-    final = eval_fn(trainer)
+    final = held_out(trainer)
     return {
         "estimator": estimator, "seed": seed, "accuracy": final["accuracy"], "reward": final["reward"],
         "kl": final["kl"], "updates": trainer.update, "train_seconds": history[-1]["time/elapsed"],

@@ -16,11 +16,14 @@ _EXPORTS = {
     "prefix_diff_advantages": "advantages",
     "reinforce_pp_advantages": "advantages",
     "rloo_advantages": "advantages",
+    "ESTIMATORS": "advantages",
+    "TrainerCallback": "callbacks",
     "Config": "config",
     "ConfigError": "config",
     "AdaptiveKLController": "kl",
     "FixedKLController": "kl",
     "kl_penalty": "kl",
+    "pairwise_loss": "losses",
     "policy_loss": "losses",
     "ppo_objective": "losses",
     "value_loss": "losses",
@@ -32,8 +35,13 @@ _EXPORTS = {
     "masked_var": "ops",
     "masked_whiten": "ops",
     "RewardModel": "rewards",
+    "Scores": "rewards",
+    "kl_rewards": "rewards",
+    "place_scores": "rewards",
     "token_rewards": "rewards",
     "Rollout": "rollout",
+    "Targets": "targets",
+    "compute_targets": "targets",
 }
 
 __all__ = sorted(_EXPORTS)

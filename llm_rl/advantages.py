@@ -12,8 +12,13 @@ prompt 0, rows ``[g, 2g)`` to prompt 1, and so on (``g = group_size``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional, get_args
+
 import torch
 
+from llm_rl.config import AdvantageEstimator
 from llm_rl.ops import masked_whiten
 
 Tensor = torch.Tensor
@@ -213,3 +218,76 @@ def action_gae(
     advantages = torch.stack(advs[::-1], dim=1)
     returns = (advantages + values) * m.to(dtype)
     return advantages, returns
+
+
+# ====================================================================== the estimators, as a table
+@dataclass(frozen=True)
+class EstimatorInput:
+    """Everything an estimator may read; each reads what it needs. Per-token tensors are (batch, len)."""
+
+    rewards: Tensor  # per-token rewards: -beta * KL, token scores, the sequence score on the last token
+    mask: Tensor  # the actions: the policy's tokens of rows that get a loss
+    gamma: float = 1.0
+    lam: float = 0.95
+    values: Optional[Tensor] = None  # V_old (gae)
+    group_size: int = 1  # completions per prompt, on consecutive rows (grpo, rloo)
+    prefix: Optional[tuple] = None  # prefix_diff: ((batch, len) Q_t, (batch,) Q_{-1})
+    # multi-turn episodes: observations between the actions (the mask has holes), a discount per turn
+    episodes: bool = False
+    turn_ends: Optional[Tensor] = None  # (batch, len) bool: gamma per turn boundary; None: per action token
+    final_values: Optional[Tensor] = None  # (batch,) V after episodes cut before done
+    reduce: Optional[Callable[[Tensor], Tensor]] = None  # sums batch statistics over processes
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator and what the trainer must know about it."""
+
+    estimate: Callable[[EstimatorInput], tuple[Tensor, Optional[Tensor]]]  # -> (advantages, value targets or None)
+    needs_values: bool  # trains a value head (the critic)
+    whitened_by_trainer: bool  # whiten_advantages applies (grpo normalises per group, reinforce_pp whitens inside)
+
+
+def returns_to_go(x: EstimatorInput) -> Tensor:
+    """(batch, len) the discounted reward to go at every action, skipping observations."""
+    return action_gae(x.rewards, torch.zeros_like(x.rewards), x.mask, x.gamma, 1.0, x.turn_ends)[1]
+
+
+def sequence_returns(x: EstimatorInput) -> Tensor:
+    """(batch,) what group estimators compare: a completion's summed rewards, or an episode's discounted
+    return (the return to go at its first action)."""
+    if not x.episodes:
+        return (x.rewards * x.mask).sum(dim=1)
+    first = x.mask.float().argmax(dim=1)
+    return returns_to_go(x).gather(1, first[:, None])[:, 0]
+
+
+def _gae(x: EstimatorInput):
+    return action_gae(x.rewards, x.values, x.mask, x.gamma, x.lam, x.turn_ends, x.final_values)
+
+
+def _grouped_estimator(group_fn):
+    def estimate(x: EstimatorInput):
+        kept = x.mask.sum(dim=1) > 0  # a row dropped for an invalid reward joins no group statistic
+        return group_fn(sequence_returns(x), x.group_size, valid=kept)[:, None] * x.mask, None
+    return estimate
+
+
+def _reinforce_pp(x: EstimatorInput):
+    return masked_whiten(returns_to_go(x), x.mask, shift_mean=True, eps=1e-8, reduce=x.reduce), None
+
+
+def _prefix_diff(x: EstimatorInput):
+    prefix, prompt_score = x.prefix
+    return prefix_diff_advantages(prefix, prompt_score, x.mask, x.rewards), None
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(_gae, needs_values=True, whitened_by_trainer=True),
+    "grpo": Estimator(_grouped_estimator(grpo_advantages), needs_values=False, whitened_by_trainer=False),
+    "rloo": Estimator(_grouped_estimator(rloo_advantages), needs_values=False, whitened_by_trainer=True),
+    "reinforce_pp": Estimator(_reinforce_pp, needs_values=False, whitened_by_trainer=False),
+    "prefix_diff": Estimator(_prefix_diff, needs_values=False, whitened_by_trainer=True),
+}
+# the config names the choices without importing torch (fast --help); this table gives each its function
+assert set(ESTIMATORS) == set(get_args(AdvantageEstimator)), "ESTIMATORS and config.AdvantageEstimator disagree"

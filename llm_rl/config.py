@@ -16,9 +16,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
+
+# The choices of the config's string options, as types: loading checks membership (`coerce`), and the
+# modules that implement them read them from here (llm_rl.advantages.ESTIMATORS is keyed by
+# AdvantageEstimator). They live here, not in those modules, so that reading a config imports no torch.
+AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp", "prefix_diff"]
+KLEstimator = Literal["k1", "k2", "k3", "abs"]
+KLPlacement = Literal["reward", "loss"]
+LossAggregation = Literal["token_mean", "seq_mean_token_mean"]
+Schedule = Literal["constant", "linear", "cosine"]
+TorchDtype = Literal["float32", "bfloat16", "float16", "auto"]
+Decoding = Literal["greedy", "sampled"]
+Discount = Literal["turn", "token"]
 
 
 class UserError(ValueError):
@@ -99,7 +111,7 @@ class ModelConfig:
         metadata={"help": "Folder holding value_head.safetensors to start the value head from (e.g. a previous run)."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
-    torch_dtype: str = field(default="float32", metadata={"help": TORCH_DTYPE_HELP})
+    torch_dtype: TorchDtype = field(default="float32", metadata={"help": TORCH_DTYPE_HELP})
     value_head_init_std: float = field(
         default=0.0, metadata={"help": "Std of the value head's initial weights (0 = zeros: V starts at 0)."}
     )
@@ -224,7 +236,7 @@ class PPOConfig:
     )
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
-    lr_scheduler_type: str = field(
+    lr_scheduler_type: Schedule = field(
         default="constant", metadata={"help": "constant, linear or cosine, after warmup_steps (with any of them)."}
     )
     warmup_steps: int = field(
@@ -242,22 +254,22 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "Discount over response tokens."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the batch."})
-    loss_agg: str = field(
+    loss_agg: LossAggregation = field(
         default="token_mean", metadata={"help": "token_mean, or seq_mean_token_mean (mean per sequence first)."}
     )
     kl_coef: float = field(default=0.05, metadata={"help": "Initial beta of the KL penalty to the reference."})
-    kl_estimator: Optional[str] = field(
+    kl_estimator: Optional[KLEstimator] = field(
         default=None,
         metadata={"help": "KL estimator: k1, k2, k3 or abs; default k1 in the reward, k2 in the loss (its gradient "
                           "is the KL's). In the loss k3 follows the forward KL(ref || policy); k1 and abs are refused."},
     )
-    kl_placement: str = field(
+    kl_placement: KLPlacement = field(
         default="reward", metadata={"help": "'reward': -beta*KL in token rewards (classic PPO); 'loss': a loss term."}
     )
     adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta towards kl_target (Ziegler et al. 2019)."})
     kl_target: float = field(default=6.0, metadata={"help": "Target KL per sequence for the adaptive controller."})
     kl_horizon: int = field(default=10000, metadata={"help": "Horizon of the adaptive controller."})
-    advantage_estimator: str = field(
+    advantage_estimator: AdvantageEstimator = field(
         default="gae",
         metadata={"help": "gae (value head), or critic-free: grpo, rloo (need num_generations >= 2), reinforce_pp, "
                           "prefix_diff (needs a reward model on the policy's tokenizer)."},
@@ -273,7 +285,22 @@ class PPOConfig:
 
 
 @dataclass
-class TrainConfig:
+class CheckpointOptions:
+    """The checkpoint keys of every run (`llm_rl.run`): PPO's `TrainConfig` and the reward-model config."""
+
+    save_steps: int = field(
+        default=100,
+        metadata={"help": "Write a resumable checkpoint every N updates (reward training: optimizer steps); one is "
+                          "always written at the end (0 = only at the end)."},
+    )
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "'latest' (newest in output_dir, if any) or a checkpoint-N folder."}
+    )
+
+
+@dataclass
+class TrainConfig(CheckpointOptions):
     output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the policy, config and metrics go."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a folder that already holds another run."}
@@ -289,21 +316,12 @@ class TrainConfig:
         default=1.0, metadata={"help": "Passes over the prompts (used when max_updates is not set)."}
     )
     logging_steps: int = field(default=10, metadata={"help": "Print a summary line every N updates (and the last)."})
-    save_steps: int = field(
-        default=100,
-        metadata={"help": "Write a resumable checkpoint every N updates; one is always written at the end "
-                          "(0 = only at the end)."},
-    )
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
-    resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "'latest' (newest in output_dir, if any) or a checkpoint-N folder."}
-    )
     eval_steps: int = field(
         default=0,
-        metadata={"help": "Evaluate on the held-out prompts (and run an eval_fn callback) every N updates and at the "
+        metadata={"help": "Evaluate on the held-out prompts (and the callbacks' on_evaluate) every N updates and at the "
                           "end (0 = at the end only)."},
     )
-    eval_decoding: list[str] = field(
+    eval_decoding: list[Decoding] = field(
         default_factory=lambda: ["greedy"],
         metadata={"help": "How held-out responses are decoded: greedy, sampled (at the training temperature), or both."},
     )
@@ -335,14 +353,11 @@ class EnvironmentConfig:
     max_episode_tokens: int = field(
         default=1024, metadata={"help": "No new turn once an episode holds this many tokens after its first observation."}
     )
-    discount: str = field(
+    discount: Discount = field(
         default="turn",
         metadata={"help": "'turn': gamma once per turn boundary, 1 within a turn; 'token': gamma per bot token."},
     )
 
-
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "prefix_diff")
-CRITIC_FREE = ("grpo", "rloo", "reinforce_pp", "prefix_diff")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -398,8 +413,7 @@ class Config:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def save_yaml(self, path: str | Path) -> None:
-        with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        write_yaml(self.to_dict(), path)
 
     @property
     def eval_dataset(self) -> Optional[tuple[str, str]]:
@@ -428,93 +442,83 @@ class Config:
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
         """Check values that the types alone do not constrain; raise ConfigError saying what to fix."""
-        p, s, r, d, t = self.ppo, self.sampling, self.reward, self.data, self.train
+        ppo, sampling, reward, data, train = self.ppo, self.sampling, self.reward, self.data, self.train
         checks = [
-            (p.batch_size >= 1, "batch_size must be >= 1"),
-            (p.num_mini_batches >= 1, "num_mini_batches must be >= 1"),
-            (p.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-            (p.num_generations >= 1, "num_generations must be >= 1"),
+            (ppo.batch_size >= 1, "batch_size must be >= 1"),
+            (ppo.num_mini_batches >= 1, "num_mini_batches must be >= 1"),
+            (ppo.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (ppo.num_generations >= 1, "num_generations must be >= 1"),
             (
-                p.batch_size * p.num_generations % (p.num_mini_batches * p.gradient_accumulation_steps) == 0,
-                f"batch_size * num_generations ({p.batch_size} * {p.num_generations}) must be divisible by "
-                f"num_mini_batches * gradient_accumulation_steps ({p.num_mini_batches} * {p.gradient_accumulation_steps})",
+                ppo.batch_size * ppo.num_generations % (ppo.num_mini_batches * ppo.gradient_accumulation_steps) == 0,
+                f"batch_size * num_generations ({ppo.batch_size} * {ppo.num_generations}) must be divisible by "
+                f"num_mini_batches * gradient_accumulation_steps ({ppo.num_mini_batches} * {ppo.gradient_accumulation_steps})",
             ),
-            (p.advantage_estimator in ADVANTAGE_ESTIMATORS,
-             f"advantage_estimator: one of {', '.join(ADVANTAGE_ESTIMATORS)}"),
-            (p.advantage_estimator not in ("grpo", "rloo") or p.num_generations >= 2,
-             f"advantage_estimator {p.advantage_estimator} compares completions of the same prompt: "
+            (ppo.advantage_estimator not in ("grpo", "rloo") or ppo.num_generations >= 2,
+             f"advantage_estimator {ppo.advantage_estimator} compares completions of the same prompt: "
              "set num_generations >= 2"),
-            (p.advantage_estimator != "prefix_diff" or r.reward_model_name_or_path is not None,
+            (ppo.advantage_estimator != "prefix_diff" or reward.reward_model_name_or_path is not None,
              "advantage_estimator prefix_diff scores every prefix with a reward model: set reward_model_name_or_path"),
-            (p.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
-            (p.learning_rate > 0, "learning_rate must be > 0"),
-            (p.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type: constant, linear or cosine"),
-            (p.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (p.clip_range > 0, "clip_range must be > 0"),
-            (p.dual_clip is None or p.dual_clip > 1, "dual_clip must be > 1 (or null to disable)"),
-            (p.clip_range_value is None or p.clip_range_value > 0, "clip_range_value must be > 0 or null"),
-            (0 <= p.gamma <= 1, "gamma must be in [0, 1]"),
-            (0 <= p.lam <= 1, "lam must be in [0, 1]"),
-            (p.kl_coef >= 0, "kl_coef must be >= 0"),
-            (p.kl_estimator_in_use in ("k1", "k2", "k3", "abs"), "kl_estimator: k1, k2, k3 or abs"),
-            (p.kl_placement in ("reward", "loss"), "kl_placement: reward or loss"),
-            (p.kl_placement != "loss" or p.kl_estimator_in_use in ("k2", "k3"),
-             f"kl_placement: loss with kl_estimator {p.kl_estimator}: its expected gradient is "
-             + ("0, so nothing pulls the policy back to the reference" if p.kl_estimator == "k1" else "no KL's")
+            (ppo.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
+            (ppo.learning_rate > 0, "learning_rate must be > 0"),
+            (ppo.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (ppo.clip_range > 0, "clip_range must be > 0"),
+            (ppo.dual_clip is None or ppo.dual_clip > 1, "dual_clip must be > 1 (or null to disable)"),
+            (ppo.clip_range_value is None or ppo.clip_range_value > 0, "clip_range_value must be > 0 or null"),
+            (0 <= ppo.gamma <= 1, "gamma must be in [0, 1]"),
+            (0 <= ppo.lam <= 1, "lam must be in [0, 1]"),
+            (ppo.kl_coef >= 0, "kl_coef must be >= 0"),
+            (ppo.kl_placement != "loss" or ppo.kl_estimator_in_use in ("k2", "k3"),
+             f"kl_placement: loss with kl_estimator {ppo.kl_estimator}: its expected gradient is "
+             + ("0, so nothing pulls the policy back to the reference" if ppo.kl_estimator == "k1" else "no KL's")
              + "; use kl_estimator: k2 (the default in the loss, whose gradient is the gradient of KL(policy || ref)) "
              "or k3 (the gradient of the forward KL(ref || policy), as in GRPO)"),
-            (p.advantage_estimator != "prefix_diff" or not r.whiten_rewards,
+            (ppo.advantage_estimator != "prefix_diff" or not reward.whiten_rewards,
              "advantage_estimator prefix_diff subtracts the reward model's prefix scores from the rewards, which "
              "whiten_rewards would rescale and the prefix scores not: set whiten_rewards: false (whiten_advantages "
              "normalises the advantages)"),
-            (p.loss_agg in ("token_mean", "seq_mean_token_mean"), "loss_agg: token_mean or seq_mean_token_mean"),
-            (s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (s.temperature > 0, "temperature must be > 0 (log-probs are taken at the sampling temperature)"),
-            (s.top_k >= 0, "top_k must be >= 0"),
-            (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
-            (s.generation_batch_size is None or s.generation_batch_size >= 1, "generation_batch_size must be >= 1"),
-            (d.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
-            (t.max_updates is None or t.max_updates >= 1, "max_updates must be >= 1"),
-            (t.num_train_epochs > 0, "num_train_epochs must be > 0"),
-            (t.max_seconds is None or t.max_seconds > 0, "max_seconds must be > 0"),
-            (t.logging_steps >= 1, "logging_steps must be >= 1"),
-            (t.save_steps >= 0, "save_steps must be >= 0"),
-            (not t.push_to_hub or bool(t.hub_model_id), "push_to_hub needs hub_model_id (e.g. 'user/model-ppo')"),
-            (t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
-            (t.eval_steps >= 0, "eval_steps must be >= 0"),
-            (bool(t.eval_decoding) and set(t.eval_decoding) <= {"greedy", "sampled"},
-             "eval_decoding: a list of greedy and/or sampled"),
-            (d.eval_max_prompts is None or d.eval_max_prompts >= 1, "eval_max_prompts must be >= 1 or null"),
-            (t.log_completions_steps >= 0, "log_completions_steps must be >= 0"),
-            (t.log_completions_count >= 1, "log_completions_count must be >= 1"),
+            (sampling.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (sampling.temperature > 0, "temperature must be > 0 (log-probs are taken at the sampling temperature)"),
+            (sampling.top_k >= 0, "top_k must be >= 0"),
+            (0 < sampling.top_p <= 1, "top_p must be in (0, 1]"),
+            (sampling.generation_batch_size is None or sampling.generation_batch_size >= 1, "generation_batch_size must be >= 1"),
+            (data.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (train.max_updates is None or train.max_updates >= 1, "max_updates must be >= 1"),
+            (train.num_train_epochs > 0, "num_train_epochs must be > 0"),
+            (train.max_seconds is None or train.max_seconds > 0, "max_seconds must be > 0"),
+            (train.logging_steps >= 1, "logging_steps must be >= 1"),
+            (train.save_steps >= 0, "save_steps must be >= 0"),
+            (not train.push_to_hub or bool(train.hub_model_id), "push_to_hub needs hub_model_id (e.g. 'user/model-ppo')"),
+            (train.save_total_limit is None or train.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
+            (train.eval_steps >= 0, "eval_steps must be >= 0"),
+            (bool(train.eval_decoding), "eval_decoding: a list of greedy and/or sampled"),
+            (data.eval_max_prompts is None or data.eval_max_prompts >= 1, "eval_max_prompts must be >= 1 or null"),
+            (train.log_completions_steps >= 0, "log_completions_steps must be >= 0"),
+            (train.log_completions_count >= 1, "log_completions_count must be >= 1"),
             (self.model.lora_r >= 1, "lora_r must be >= 1"),
             (self.environment.max_turns >= 1, "max_turns must be >= 1"),
             (self.environment.max_episode_tokens >= 1, "max_episode_tokens must be >= 1"),
-            (self.environment.discount in ("turn", "token"), "discount: turn or token"),
-            (self.environment.environment is None or p.advantage_estimator in ("gae", "grpo", "rloo", "reinforce_pp"),
+            (self.environment.environment is None or ppo.advantage_estimator in ("gae", "grpo", "rloo", "reinforce_pp"),
              "advantage_estimator prefix_diff scores one response with a reward model; it has no multi-turn form: "
              "use gae, grpo, rloo or reinforce_pp with an environment"),
             (self.environment.environment is None or self.eval_dataset is None,
              "held-out evaluation from eval_dataset_name / eval_split scores single responses; with an environment, "
-             "evaluate episodes in an eval_fn callback (llm_rl/demo_dialogue.py has one)"),
-            (self.environment.environment is None or (r.reward_model_name_or_path is None and not r.reward_funcs),
+             "evaluate episodes in a callback's on_evaluate (llm_rl/demo_dialogue.py has one)"),
+            (self.environment.environment is None or (reward.reward_model_name_or_path is None and not reward.reward_funcs),
              "an environment gives the rewards of multi-turn episodes: remove reward_funcs / "
              "reward_model_name_or_path, or score inside the environment's step()"),
             (0 <= self.model.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-            (self.model.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
-             "torch_dtype: float32, bfloat16, float16 or auto"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        check_report_to(t.report_to)
-        n_rewards = int(r.reward_model_name_or_path is not None) + len(r.reward_funcs)
-        if r.reward_weights is not None and len(r.reward_weights) != n_rewards:
+        check_report_to(train.report_to)
+        n_rewards = int(reward.reward_model_name_or_path is not None) + len(reward.reward_funcs)
+        if reward.reward_weights is not None and len(reward.reward_weights) != n_rewards:
             raise ConfigError(
-                f"reward_weights has {len(r.reward_weights)} entries but there are {n_rewards} rewards "
+                f"reward_weights has {len(reward.reward_weights)} entries but there are {n_rewards} rewards "
                 "(the reward model first, then reward_funcs in order)"
             )
-        for spec in r.reward_funcs + (r.eval_reward_funcs or []):
+        for spec in reward.reward_funcs + (reward.eval_reward_funcs or []):
             if not isinstance(spec, str) or ":" not in spec:
                 raise ConfigError(f"reward_funcs entry {spec!r} must look like 'package.module:function'")
 
@@ -661,6 +665,14 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: '{key}' cannot be null")
     if isinstance(value, str) and value.lower() in ("none", "null") and optional:
         return None
+    if typing.get_origin(field_type) is Literal:
+        choices = typing.get_args(field_type)
+        if value not in choices:
+            raise ConfigError(
+                f"{source}: '{key}' is one of {', '.join(map(str, choices))}{' or null' if optional else ''}; "
+                f"got {value!r}"
+            )
+        return value
     try:
         if field_type is bool:
             if isinstance(value, bool):
@@ -776,11 +788,22 @@ def yaml_scalar(raw: str) -> Any:
         return raw
 
 
+def write_yaml(values: dict, path: str | Path) -> None:
+    """A config's values as YAML, in field order (the file saved beside a trained model)."""
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def option_lines(cls) -> list[str]:
+    """`--key  help [default: value]` for each field of a config dataclass: the `--help` listing."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name:<28} {f.metadata.get('help', '')} [default: {default}]")
+    return lines
+
+
 def format_help() -> str:
     lines = []
     for section, cls in SECTIONS.items():
-        lines.append(f"\n{section}:")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{f.name:<28} {FIELD_HELP[f.name]} [default: {default}]")
+        lines += [f"\n{section}:", *option_lines(cls)]
     return "\n".join(lines)

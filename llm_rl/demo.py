@@ -21,10 +21,11 @@ import torch
 from accelerate.utils import set_seed
 
 from llm_rl import run_dir
+from llm_rl.callbacks import Evaluate
 from llm_rl.config import Config
 from llm_rl.kl import kl_penalty
 from llm_rl.modeling import CausalLMWithValueHead
-from llm_rl.rollout import score_tokens
+from llm_rl.rollout import logprobs_and_values
 from llm_rl.tasks import arithmetic
 
 DEMO_CONFIG = Path(__file__).parent / "tasks" / "addition_ppo.yaml"
@@ -73,9 +74,9 @@ def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
     texts, sampled = arithmetic.complete(policy.pretrained_model, tokenizer, problems, greedy=False,
                                          temperature=temperature)
     out["reward"] = sum(arithmetic.reward(None, texts, answers)) / len(problems)
-    logprobs, _ = score_tokens(policy, sampled, temperature, chunk_size=len(problems))
+    logprobs, _ = logprobs_and_values(policy, sampled, temperature, chunk_size=len(problems))
     with reference_context() as ref:
-        ref_logprobs, _ = score_tokens(ref, sampled, temperature, chunk_size=len(problems), reference=True)
+        ref_logprobs, _ = logprobs_and_values(ref, sampled, temperature, chunk_size=len(problems), reference=True)
     out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * sampled.response_mask).sum(1).mean())
     return out
 
@@ -134,15 +135,15 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
         print(f"[demo] before PPO: {fmt(before)}")
 
     # 3. PPO against the exact-match reward, held-out accuracy tracked during training
-    def eval_fn(trainer: PPOTrainer) -> dict:
+    def held_out(trainer: PPOTrainer) -> dict:
         return evaluate(trainer.accelerator.unwrap_model(trainer.model), trainer.reference, tokenizer, heldout,
                         config.sampling.temperature)
 
     trainer = PPOTrainer(config, policy, tokenizer, load_prompts(config, tokenizer), load_rewards(config),
-                         ref_model=reference, accelerator=accelerator, eval_fn=eval_fn)
+                         ref_model=reference, accelerator=accelerator, callbacks=[Evaluate(held_out)])
     history = trainer.train()
     last = history[-1] if history else {}
-    after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} or eval_fn(trainer)
+    after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} or held_out(trainer)
 
     seconds = time.perf_counter() - start
     summary = {

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 
+from llm_rl.callbacks import Evaluate
 from llm_rl.config import Config
 from llm_rl.tasks import arithmetic, dialogue
 
@@ -104,13 +105,13 @@ def run_dialogue_demo(options: DialogueOptions) -> dict:
         run_dir = out_dir / f"gamma_{gamma}"
         config = ppo_config(options, gamma, warm_dir, data_file, run_dir)
 
-        def eval_fn(trainer, gamma=gamma) -> dict:
+        def held_out(trainer, gamma=gamma) -> dict:
             lm = trainer.accelerator.unwrap_model(trainer.model).pretrained_model
             sampled = dialogue.behaviour(lm, tokenizer, heldout * 5, greedy=False, gamma=gamma)
             return {**dialogue.behaviour(lm, tokenizer, heldout, greedy=True, gamma=gamma),
                     "sampled_ask_rate": sampled["ask_rate"], "sampled_return": sampled["return"]}
 
-        trainer, history = run_ppo(config, eval_fn=eval_fn)
+        trainer, history = run_ppo(config, callbacks=[Evaluate(held_out)])
         policy = trainer.accelerator.unwrap_model(trainer.model).eval()
         after = {"greedy": dialogue.behaviour(policy.pretrained_model, tokenizer, heldout, greedy=True, gamma=gamma),
                  "sampled": dialogue.behaviour(policy.pretrained_model, tokenizer, heldout * 10, greedy=False,

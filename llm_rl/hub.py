@@ -11,12 +11,16 @@ only what the Hub accepts: `base_model` and `datasets` are given only when they 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
 import llm_rl
-from llm_rl.config import CRITIC_FREE, Config, looks_local
+from llm_rl.advantages import ESTIMATORS
+from llm_rl.config import Config, looks_local
+
+if TYPE_CHECKING:
+    from llm_rl.reward_training import RewardTrainingConfig
 
 CARD_METRICS = ("score/mean", "kl/per_sequence", "entropy", "response/length", "response/eos_rate")
 ESTIMATOR_TEXT = {
@@ -73,13 +77,11 @@ def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: st
     ]
     kl = "a KL penalty to the reference in the loss" if p.kl_placement == "loss" else (
         "a KL penalty to the reference on every token's reward, the sequence score on the last token")
-    value_head = p.advantage_estimator not in CRITIC_FREE
+    value_head = ESTIMATORS[p.advantage_estimator].needs_values
     saved = ("a LoRA adapter (peft)" if adapter else "a plain causal LM") + (
         ", plus `value_head.safetensors` (the value head, for resuming PPO)" if value_head else "")
     repo = repo_id or "REPO_ID"
-    load = (f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained({repo!r})"
-            if adapter else
-            f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({repo!r})")
+    load = load_snippet("CausalLM", adapter, repo)
     metrics = final_metrics or {}
     eval_keys = [k for k in metrics if k.startswith("eval/")]
     evaluation = f"\n## Held-out evaluation (last)\n\n{metric_table(metrics, eval_keys)}\n" if eval_keys else ""
@@ -113,13 +115,36 @@ tokenizer = AutoTokenizer.from_pretrained({repo!r})
     return build_card(front, body)
 
 
-def write_model_card(directory: Path, config: Config, final_metrics: Optional[dict] = None, repo_id: str = "") -> Path:
-    path = Path(directory) / "README.md"
-    model_card(config, final_metrics, repo_id or str(directory)).save(path)
-    return path
+def reward_model_card(config: RewardTrainingConfig, metrics: dict, repo_id: str):
+    """A reward model's card (llm_rl.reward_training): base model, pairs, how to load, held-out metrics."""
+    adapter = config.use_peft and not config.merge_adapter
+    dataset = hub_id(config.dataset_name, data=True)
+    front = {
+        "library_name": "peft" if adapter else "transformers",
+        "base_model": hub_id(config.model_name_or_path),
+        "datasets": [dataset] if dataset else None,
+        "tags": ["llm_rl", "reward-model"],
+        "pipeline_tag": "text-classification",
+    }
+    eval_keys = [k for k in metrics if k.startswith("eval/")]
+    body = (
+        f"# Reward model trained with llm_rl\n\nBase model: `{config.model_name_or_path}`; pairs: "
+        f"`{config.dataset_name}`; {'LoRA adapter' if adapter else 'full weights'}, one output (the reward), "
+        "read at the last token of prompt + completion, trained with the Bradley-Terry pairwise loss.\n\n"
+        f"```python\n{load_snippet('SequenceClassification', adapter, repo_id)}\n```\n\n"
+        f"## Held-out pairs\n\n{metric_table(metrics, eval_keys)}\n\n"
+        "Training options: `reward_config.yaml`; metrics per step: `metrics.jsonl`.\n"
+    )
+    return build_card(front, body)
 
 
-def push_folder(directory: Path, repo_id: str, private: bool = False, commit_message: str = "llm_rl PPO") -> str:
+def load_snippet(head: str, adapter: bool, repo: str) -> str:
+    """The two lines that load a saved model: `AutoModelFor<head>`, or peft's class for an adapter."""
+    cls = f"AutoPeftModelFor{head}" if adapter else f"AutoModelFor{head}"
+    return f"from {'peft' if adapter else 'transformers'} import {cls}\nmodel = {cls}.from_pretrained({repo!r})"
+
+
+def push_folder(directory: Path, repo_id: str, private: bool = False, commit_message: str = "llm_rl") -> str:
     """Create the repo if needed and upload the folder (checkpoints excluded). Returns the commit URL.
 
     The token comes from the usual places (HF_TOKEN, `huggingface-cli login`).

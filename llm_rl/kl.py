@@ -3,11 +3,15 @@ controllers that set the KL penalty coefficient (beta)."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
+
+from llm_rl.config import KLEstimator
 
 Tensor = torch.Tensor
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+KL_ESTIMATORS = get_args(KLEstimator)
 # estimators whose expected gradient, as a loss term, is the gradient of a KL: k2 of KL(pi || pi_ref),
 # k3 of KL(pi_ref || pi) (see `kl_penalty`); k1's is 0 and abs's is no KL's
 KL_LOSS_ESTIMATORS = ("k2", "k3")

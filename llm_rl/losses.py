@@ -7,13 +7,16 @@ detached scalar tensors for logging.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
+from llm_rl.config import LossAggregation
 from llm_rl.ops import masked_mean, masked_sum
 
 Tensor = torch.Tensor
 
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+LOSS_AGGREGATIONS = get_args(LossAggregation)
 
 
 def aggregate_loss(
@@ -233,4 +236,36 @@ def ppo_objective(
         # before any step this is 0 (ratio 1): otherwise rollout and training forwards disagree
         "policy/ratio_max_dev": (logprobs.detach() - old_logprobs).exp().sub(1).abs().masked_fill(~valid, 0).max(),
     })
+    return loss, stats
+
+
+def pairwise_loss(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of a reward model on preference pairs, and its accuracy.
+
+    chosen_scores, rejected_scores: (batch,) scores r_c, r_r; margin: (batch,) or a float m
+    that r_c must exceed r_r by (Touvron et al. 2023, Llama 2, eq. 2), default 0.
+
+        loss = mean(-log sigmoid(r_c - r_r - m)) + center_coef * mean((r_c + r_r)^2)
+
+    The second term pulls each pair's scores to sum to zero, so rewards stay centred
+    (Eisenstein et al. 2023, "Helping or Herding?", sec. 3). `logsigmoid` keeps the
+    first term finite for any score gap. Stats (detached): `accuracy`, the fraction of
+    pairs with r_c > r_r (a tie counts as wrong), and `margin`, the mean of r_c - r_r.
+    """
+    if chosen_scores.shape != rejected_scores.shape or chosen_scores.dim() != 1:
+        raise ValueError(
+            f"chosen and rejected scores must both be (batch,), got {tuple(chosen_scores.shape)} "
+            f"and {tuple(rejected_scores.shape)}"
+        )
+    gap = chosen_scores - rejected_scores
+    shifted = gap if margin is None else gap - torch.as_tensor(margin, dtype=gap.dtype, device=gap.device)
+    loss = -torch.nn.functional.logsigmoid(shifted).mean()
+    if center_coef:
+        loss = loss + center_coef * (chosen_scores + rejected_scores).pow(2).mean()
+    stats = {"accuracy": (gap > 0).float().mean().detach(), "margin": gap.mean().detach()}
     return loss, stats

@@ -1,20 +1,22 @@
-"""Reward models from preference pairs: a Bradley-Terry loss, a config, data, a training loop.
+"""Reward models from preference pairs: a config, data, and `RewardTrainer` (a `llm_rl.run.TrainingRun`).
 
     pairs (prompt, chosen, rejected) -> one forward over chosen and rejected texts together
       -> scores r_c, r_r read at each text's last real token
-      -> loss = -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2
+      -> `llm_rl.losses.pairwise_loss`: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2
       -> accelerate: backward, clip, step; held-out pairwise accuracy every eval_steps
       -> a plain `AutoModelForSequenceClassification` (num_labels=1) in output_dir
 
 The model is any causal LM or encoder loaded with `AutoModelForSequenceClassification`
 and one output. `llm-rl reward train --config FILE.yaml` and `reward_models/train.py` run
 `train_reward_model`; the saved folder is what `reward_model_name_or_path` takes in a
-PPO config.
+PPO config. Checkpoints, resume, logging, the output folder and the Hub upload are the
+run skeleton's (`llm_rl.run`), the same as PPO's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -24,68 +26,40 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 
-from llm_rl import run_dir
 from llm_rl.config import (
     ALIASES,
     REPORT_TO_HELP,
     TORCH_DTYPE_HELP,
     TRUST_REMOTE_CODE_HELP,
+    CheckpointOptions,
     ConfigError,
     check_report_to,
     coerce,
     fill_from_yaml,
     loading,
     missing_local_path,
+    option_lines,
     split_config_arg,
     unknown_key_message,
+    write_yaml,
 )
-from llm_rl.metrics import reduce_scalars
+from llm_rl.losses import pairwise_loss  # public here too: `from llm_rl.reward_training import pairwise_loss`
 from llm_rl.modeling import DTYPES
+from llm_rl.pipeline import add_lora, ensure_distinct_pad, resize_for_tokenizer
 from llm_rl.rewards import reward_model_text, sequence_scores
+from llm_rl.run import TrainingRun
 
-PAD_TOKEN = "<|pad|>"
+__all__ = ["RewardTrainer", "RewardTrainingConfig", "pairwise_loss", "train_reward_model"]
+
 CONFIG_FILE = "reward_config.yaml"
-
-
-# ====================================================================== the loss
-def pairwise_loss(
-    chosen_scores: torch.Tensor,
-    rejected_scores: torch.Tensor,
-    margin: Optional[torch.Tensor | float] = None,
-    center_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry loss of a reward model on preference pairs, and its accuracy.
-
-    chosen_scores, rejected_scores: (batch,) scores r_c, r_r; margin: (batch,) or a float m
-    that r_c must exceed r_r by (Touvron et al. 2023, Llama 2, eq. 2), default 0.
-
-        loss = mean(-log sigmoid(r_c - r_r - m)) + center_coef * mean((r_c + r_r)^2)
-
-    The second term pulls each pair's scores to sum to zero, so rewards stay centred
-    (Eisenstein et al. 2023, "Helping or Herding?", sec. 3). `logsigmoid` keeps the
-    first term finite for any score gap. Stats (detached): `accuracy`, the fraction of
-    pairs with r_c > r_r (a tie counts as wrong), and `margin`, the mean of r_c - r_r.
-    """
-    if chosen_scores.shape != rejected_scores.shape or chosen_scores.dim() != 1:
-        raise ValueError(
-            f"chosen and rejected scores must both be (batch,), got {tuple(chosen_scores.shape)} "
-            f"and {tuple(rejected_scores.shape)}"
-        )
-    gap = chosen_scores - rejected_scores
-    shifted = gap if margin is None else gap - torch.as_tensor(margin, dtype=gap.dtype, device=gap.device)
-    loss = -F.logsigmoid(shifted).mean()
-    if center_coef:
-        loss = loss + center_coef * (chosen_scores + rejected_scores).pow(2).mean()
-    stats = {"accuracy": (gap > 0).float().mean().detach(), "margin": gap.mean().detach()}
-    return loss, stats
 
 
 # ====================================================================== config
 @dataclass
-class RewardTrainingConfig:
+class RewardTrainingConfig(CheckpointOptions):
     """Every option of a reward-model run; `llm-rl reward train --help` lists them."""
 
     # ---- model
@@ -148,13 +122,16 @@ class RewardTrainingConfig:
         default=100, metadata={"help": "Evaluate on the held-out pairs every N optimizer steps and at the end (0 = end only)."}
     )
     eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Pairs per forward in evaluation (default batch_size)."})
-    logging_steps: int = field(default=10, metadata={"help": "Write training metrics every N optimizer steps."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Write training metrics every N optimizer steps (and at every checkpoint)."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for the score head, shuffling and the eval_fraction split."})
     output_dir: str = field(default="outputs/reward_model", metadata={"help": "Where the model, tokenizer, config and metrics go."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a folder that already holds another run."}
     )
     report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
+    run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name (default: llm_rl_reward)."})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process."})
     # ---- LoRA
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (and the score head) instead of all weights."})
@@ -193,9 +170,7 @@ class RewardTrainingConfig:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str | Path) -> None:
-        import yaml
-
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_yaml(self.to_dict(), path)
 
     def validate(self) -> None:
         """Check values the types alone do not constrain; raise ConfigError saying what to fix."""
@@ -214,6 +189,8 @@ class RewardTrainingConfig:
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 (or null)"),
             (self.eval_steps >= 0, "eval_steps must be >= 0"),
             (self.logging_steps >= 1, "logging_steps must be >= 1"),
+            (self.save_steps >= 0, "save_steps must be >= 0"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
             (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
             (
                 self.eval_split is None or self.eval_fraction == 0,
@@ -233,7 +210,7 @@ class RewardTrainingConfig:
         check_report_to(self.report_to)
 
 
-SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+SCHEDULERS = ("constant", "linear", "cosine")
 # TRL RewardConfig / OpenRLHF names: the PPO table, with this config's meaning of batch_size
 REWARD_ALIASES = {
     **ALIASES,
@@ -245,31 +222,13 @@ REWARD_ALIASES = {
 
 
 def format_help() -> str:
-    lines = []
-    for f in dataclasses.fields(RewardTrainingConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name:<28} {f.metadata['help']} [default: {default}]")
-    return "\n".join(lines)
+    return "\n".join(option_lines(RewardTrainingConfig))
 
 
 # ====================================================================== model
-def ensure_distinct_pad(tokenizer) -> bool:
-    """Give the tokenizer a pad token that is not EOS; True when a new token was added.
-
-    Scores are read at the last real token. A pad equal to EOS would make any code that
-    finds that token by pad id (transformers' own pooling) skip a text's final EOS.
-    """
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return False
-    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-        tokenizer.pad_token = tokenizer.unk_token
-        return False
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    return True
-
-
 def load_reward_model(config: RewardTrainingConfig):
-    """(AutoModelForSequenceClassification with one output, tokenizer with a distinct pad, resized?)."""
+    """(AutoModelForSequenceClassification with one output, tokenizer with a distinct pad, resized?):
+    the pad policy and embedding growth of PPO's policies (`llm_rl.pipeline`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
@@ -279,27 +238,10 @@ def load_reward_model(config: RewardTrainingConfig):
         dtype=DTYPES[config.torch_dtype],
         trust_remote_code=config.trust_remote_code,
     )
-    resized = ensure_distinct_pad(tokenizer)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-        resized = True
+    ensure_distinct_pad(tokenizer)
+    resized = resize_for_tokenizer(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, resized
-
-
-def apply_lora(model, config: RewardTrainingConfig):
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    lora = LoraConfig(
-        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
-        task_type="SEQ_CLS",  # peft then also trains and saves the score head (modules_to_save)
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-    )
-    return get_peft_model(model, lora)
 
 
 class RewardScorer(nn.Module):
@@ -435,209 +377,186 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, padding_side: s
 
 
 # ====================================================================== training
+class SeededShuffle(torch.utils.data.Sampler):
+    """A permutation of the pairs that depends only on (seed, epoch): a resumed run sees the order an
+    uninterrupted run saw. No `set_epoch` method, so accelerate's loaders leave `epoch` to us."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+
+class RewardTrainer(TrainingRun):
+    """Train a reward model on preference pairs: the constructor loads and prepares everything,
+    `train()` runs the optimizer steps and saves the model (the run skeleton does the rest)."""
+
+    name = "reward"
+    default_run_name = "llm_rl_reward"
+    config_file = CONFIG_FILE
+    hub_commit_message = "llm_rl reward model"
+
+    def __init__(self, config: RewardTrainingConfig, accelerator: Optional[Accelerator] = None):
+        from accelerate.utils import set_seed
+
+        config.validate()
+        for key in ("model_name_or_path", "dataset_name", "eval_split"):
+            problem = missing_local_path(getattr(config, key), data=key != "model_name_or_path")
+            if problem:
+                raise ConfigError(f"{key}: {problem}")
+        super().__init__(config, config, config.gradient_accumulation_steps, accelerator)
+        acc = self.accelerator
+        set_seed(config.seed)  # the score head starts identical on every process
+        with loading("model_name_or_path", config.model_name_or_path):
+            model, self.tokenizer, self.resized = load_reward_model(config)
+        if config.use_peft:
+            model = add_lora(model, config, task_type="SEQ_CLS")
+        train_data, eval_data = load_preference_splits(config)
+        train_pairs = tokenize_pairs(train_data, self.tokenizer, config, "training data")
+        eval_pairs = tokenize_pairs(eval_data, self.tokenizer, config, "eval data") if eval_data is not None else None
+
+        collate = functools.partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
+        self.order = SeededShuffle(len(train_pairs), config.seed)
+        # a generator of its own: starting an epoch (or a resumed one) draws nothing from the global RNG
+        train_loader = torch.utils.data.DataLoader(
+            train_pairs, batch_size=config.batch_size, sampler=self.order, collate_fn=collate,
+            generator=torch.Generator(),
+        )
+        # sizes: derived once, here; each process gets ceil(batches / processes) batches (accelerate's
+        # even_batches), and accumulation ends with the data, so an epoch is steps_per_epoch steps
+        batches_per_process = math.ceil(len(train_loader) / acc.num_processes)
+        self.steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+        self.train_loader, = self.prepare_training(
+            RewardScorer(model), config, self.total_steps, train_loader, trainable_only=config.use_peft
+        )
+        self.eval_loader = None
+        if eval_pairs is not None:
+            self.eval_loader = acc.prepare(torch.utils.data.DataLoader(
+                eval_pairs, batch_size=config.eval_batch_size or config.batch_size, collate_fn=collate
+            ))
+        self.latest: dict = {}  # each metric's last value, returned by train()
+        if acc.is_main_process:
+            print(f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs or [])} held-out pairs, "
+                  f"{self.total_steps} optimizer steps on {acc.num_processes} process(es)")
+
+    def train(self) -> dict:
+        """Run the optimizer steps (from a checkpoint's when resuming), evaluate, save; returns the
+        latest value of each metric."""
+        config, acc = self.config, self.accelerator
+        self.start(self.total_steps)
+        sums, micro_batches = {}, 0
+        self.model.train()
+        while self.step < self.total_steps:
+            epoch, steps_done = divmod(self.step, self.steps_per_epoch)
+            self.order.epoch = epoch
+            skip = steps_done * config.gradient_accumulation_steps  # batches a resumed run already trained on
+            for batch in acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader:
+                stats = self.train_micro_batch(batch)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                micro_batches += 1
+                if not acc.sync_gradients:
+                    continue
+                self.scheduler.step()
+                self.step += 1
+                self.bar.update(1)
+                checkpoint_due = self.due(config.save_steps) or self.step == self.total_steps
+                row = {}
+                # a checkpoint closes the logging window too, so a resumed run logs the rows an uninterrupted one does
+                if self.due(config.logging_steps) or checkpoint_due:
+                    row.update(self.global_mean({f"train/{k}": v / micro_batches for k, v in sums.items()}))
+                    row["lr"] = self.scheduler.get_last_lr()[0]
+                    sums, micro_batches = {}, 0
+                if self.eval_loader is not None and (self.due(config.eval_steps) or self.step == self.total_steps):
+                    row.update(self.evaluate())
+                if row:
+                    row = {"step": self.step, **row}
+                    self.latest.update(row)
+                    self.log(row, metrics_line(row))
+                if checkpoint_due:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+        self.finish()
+        return self.latest
+
+    def due(self, every: int) -> bool:
+        return bool(every) and self.step % every == 0
+
+    def train_micro_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss, backward and (at the last micro-batch of an accumulation) the clipped optimizer step."""
+        config, acc = self.config, self.accelerator
+        with acc.accumulate(self.model):
+            chosen, rejected = self.model(batch["input_ids"], batch["attention_mask"]).float().chunk(2)
+            margin = batch["margin"] if config.margin_column else None
+            loss, stats = pairwise_loss(chosen, rejected, margin, config.center_coef)
+            acc.backward(loss)
+            if acc.sync_gradients and config.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            self.optimizer.step()  # a no-op until the last micro-batch of the accumulation
+            self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.detach(), **stats}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Pairwise accuracy, mean margin and loss over every held-out pair, all processes together."""
+        config, acc = self.config, self.accelerator
+        self.model.eval()
+        chosen_all, rejected_all, margin_all = [], [], []
+        for batch in self.eval_loader:
+            chosen, rejected = self.model(batch["input_ids"], batch["attention_mask"]).float().chunk(2)
+            # gather_for_metrics drops the pairs repeated to even out the last batch across processes
+            chosen, rejected, margin = acc.gather_for_metrics((chosen, rejected, batch["margin"]))
+            chosen_all.append(chosen)
+            rejected_all.append(rejected)
+            margin_all.append(margin)
+        self.model.train()
+        chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+        margin = torch.cat(margin_all) if config.margin_column else None
+        loss, stats = pairwise_loss(chosen, rejected, margin, config.center_coef)
+        return {
+            "eval/accuracy": float(stats["accuracy"]),
+            "eval/margin": float(stats["margin"]),
+            "eval/loss": float(loss),
+            "eval/score_mean": float(torch.cat([chosen, rejected]).mean()),
+            "eval/pairs": len(chosen),
+        }
+
+    # ---- what the run skeleton saves
+    def write_model(self, directory: Path, state_dict: dict) -> None:
+        """The sequence classifier (safetensors): full weights, a LoRA adapter (with the embeddings when
+        an added pad token grew them), or with merge_adapter the merged full model."""
+        model = self.accelerator.unwrap_model(self.model).model
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        if self.config.use_peft and self.config.merge_adapter:
+            model.merge_and_unload().save_pretrained(directory)
+        elif self.config.use_peft:
+            model.save_pretrained(directory, state_dict=state_dict, save_embedding_layers=self.resized)
+        else:
+            model.save_pretrained(directory, state_dict=state_dict)
+
+    def model_card(self, metrics: dict):
+        from llm_rl.hub import reward_model_card
+
+        return reward_model_card(self.config, metrics, self.config.hub_model_id or self.config.output_dir)
+
+    def write_reports(self, metrics: dict) -> None:
+        super().write_reports(metrics)
+        (self.output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def metrics_line(metrics: dict) -> str:
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
 def train_reward_model(config: RewardTrainingConfig) -> dict:
     """Train, evaluate and save a reward model; returns the final metrics (eval/accuracy, ...)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    config.validate()
-    for key in ("model_name_or_path", "dataset_name", "eval_split"):
-        problem = missing_local_path(getattr(config, key), data=key != "model_name_or_path")
-        if problem:
-            raise ConfigError(f"{key}: {problem}")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_dir=config.output_dir,
-    )
-    output_dir = Path(config.output_dir)
-    run_dir.prepare(accelerator, output_dir, config.overwrite_output_dir, resuming=False, resumable=False,
-                    extra=("llm_rl_reward",))
-    set_seed(config.seed)  # the score head starts identical on every process
-
-    with loading("model_name_or_path", config.model_name_or_path):
-        model, tokenizer, resized = load_reward_model(config)
-    if config.use_peft:
-        model = apply_lora(model, config)
-    train_data, eval_data = load_preference_splits(config)
-    train_pairs = tokenize_pairs(train_data, tokenizer, config, "training data")
-    eval_pairs = tokenize_pairs(eval_data, tokenizer, config, "eval data") if eval_data is not None else None
-
-    def collate(pairs):
-        return collate_pairs(pairs, tokenizer.pad_token_id)
-
-    train_loader = torch.utils.data.DataLoader(
-        train_pairs, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    scorer = RewardScorer(model)
-    trainable = [p for p in scorer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scorer, optimizer, train_loader = accelerator.prepare(scorer, optimizer, train_loader)
-    eval_loader = None
-    if eval_pairs is not None:
-        eval_loader = accelerator.prepare(torch.utils.data.DataLoader(
-            eval_pairs, batch_size=config.eval_batch_size or config.batch_size, collate_fn=collate
-        ))
-
-    # sizes: derived once, here. The scheduler steps once per optimizer step (not prepared,
-    # so accelerate does not multiply its steps by the number of processes).
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
-    scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler_type], optimizer, config.warmup_steps, total_steps)
-
-    if accelerator.is_main_process:
-        print(f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs or [])} held-out pairs, "
-              f"{total_steps} optimizer steps on {accelerator.num_processes} process(es)")
-    if config.report_to != "none":
-        accelerator.init_trackers("llm_rl_reward", config=config.to_dict())
-    metrics_file = output_dir / "metrics.jsonl"
-    bar = tqdm(total=total_steps, desc="reward", disable=not (accelerator.is_main_process and config.progress_bar))
-    step, sums, n_micro, last_metrics = 0, {}, 0, {}
-    scorer.train()
-    while step < total_steps:
-        for batch in train_loader:
-            with accelerator.accumulate(scorer):
-                scores = scorer(batch["input_ids"], batch["attention_mask"]).float()
-                chosen, rejected = scores.chunk(2)
-                margin = batch["margin"] if config.margin_column else None
-                loss, stats = pairwise_loss(chosen, rejected, margin, config.center_coef)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
-                optimizer.step()  # a no-op until the last micro-batch of the accumulation
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in {"loss": loss.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + value
-            n_micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            metrics = {}
-            if step % config.logging_steps == 0 or step == total_steps:
-                means = global_mean(accelerator, {f"train/{k}": v / n_micro for k, v in sums.items()})
-                metrics.update(means, lr=scheduler.get_last_lr()[0])
-                sums, n_micro = {}, 0
-            if eval_loader is not None and (step == total_steps or (config.eval_steps and step % config.eval_steps == 0)):
-                metrics.update(evaluate_pairs(scorer, eval_loader, accelerator, config))
-                scorer.train()
-            if metrics:
-                metrics = {"step": step, **metrics}
-                last_metrics.update(metrics)
-                log_metrics(accelerator, metrics, metrics_file, bar, config.report_to != "none")
-            if step >= total_steps:
-                break
-    bar.close()
-    save_reward_model(accelerator, scorer, tokenizer, config, resized, last_metrics)
-    if config.push_to_hub and accelerator.is_main_process:
-        from llm_rl.hub import push_folder
-
-        url = push_folder(output_dir, config.hub_model_id, config.hub_private_repo, "llm_rl reward model")
-        print(f"[reward] pushed {output_dir} to {url}")
-    accelerator.wait_for_everyone()
-    if config.report_to != "none":
-        accelerator.end_training()
-    return last_metrics
-
-
-@torch.no_grad()
-def evaluate_pairs(scorer, loader, accelerator, config: RewardTrainingConfig) -> dict[str, float]:
-    """Pairwise accuracy, mean margin and loss over every held-out pair, all processes together."""
-    scorer.eval()
-    chosen_all, rejected_all, margin_all = [], [], []
-    for batch in loader:
-        scores = scorer(batch["input_ids"], batch["attention_mask"]).float()
-        chosen, rejected = scores.chunk(2)
-        # gather_for_metrics drops the pairs repeated to even out the last batch across processes
-        chosen, rejected, margin = accelerator.gather_for_metrics((chosen, rejected, batch["margin"]))
-        chosen_all.append(chosen)
-        rejected_all.append(rejected)
-        margin_all.append(margin)
-    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
-    margin = torch.cat(margin_all) if config.margin_column else None
-    loss, stats = pairwise_loss(chosen, rejected, margin, config.center_coef)
-    return {
-        "eval/accuracy": float(stats["accuracy"]),
-        "eval/margin": float(stats["margin"]),
-        "eval/loss": float(loss),
-        "eval/score_mean": float(torch.cat([chosen, rejected]).mean()),
-        "eval/pairs": len(chosen),
-    }
-
-
-def global_mean(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    return reduce_scalars(accelerator, values, "mean")
-
-
-def log_metrics(accelerator, metrics: dict, metrics_file: Path, bar, trackers: bool) -> None:
-    if trackers:
-        accelerator.log(metrics, step=metrics["step"])
-    if accelerator.is_main_process:
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-
-
-def save_reward_model(accelerator, scorer, tokenizer, config: RewardTrainingConfig, resized: bool, metrics: dict) -> None:
-    """Model (safetensors; LoRA adapter or merged model with use_peft), tokenizer, config and a model card.
-
-    Every process joins `get_state_dict` (it gathers FSDP / ZeRO-3 shards); the main process writes.
-    """
-    output_dir = Path(config.output_dir)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(scorer)
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(scorer).model
-        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
-        if config.use_peft and config.merge_adapter:
-            model.merge_and_unload().save_pretrained(output_dir)
-        elif config.use_peft:
-            # an added pad token grew the embeddings: the adapter must carry them
-            model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=resized)
-        else:
-            model.save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-        config.save_yaml(output_dir / CONFIG_FILE)
-        (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        model_card(config, metrics).save(output_dir / "README.md")
-    accelerator.wait_for_everyone()
-
-
-def model_card(config: RewardTrainingConfig, metrics: dict):
-    """The card of the output folder (and the Hub page): base model, data, how to load, held-out metrics;
-    Hub metadata through `llm_rl.hub.build_card` (base_model and datasets only when they are Hub ids)."""
-    from llm_rl.hub import build_card, hub_id, metric_table
-
-    adapter = config.use_peft and not config.merge_adapter
-    repo = config.hub_model_id or config.output_dir
-    load = (
-        "from peft import AutoPeftModelForSequenceClassification\n"
-        f"model = AutoPeftModelForSequenceClassification.from_pretrained({repo!r})"
-        if adapter
-        else "from transformers import AutoModelForSequenceClassification\n"
-        f"model = AutoModelForSequenceClassification.from_pretrained({repo!r})"
-    )
-    dataset = hub_id(config.dataset_name, data=True)
-    front = {
-        "library_name": "peft" if adapter else "transformers",
-        "base_model": hub_id(config.model_name_or_path),
-        "datasets": [dataset] if dataset else None,
-        "tags": ["llm_rl", "reward-model"],
-        "pipeline_tag": "text-classification",
-    }
-    eval_keys = [k for k in metrics if k.startswith("eval/")]
-    body = (
-        f"# Reward model trained with llm_rl\n\nBase model: `{config.model_name_or_path}`; pairs: "
-        f"`{config.dataset_name}`; {'LoRA adapter' if adapter else 'full weights'}, one output (the reward), "
-        "read at the last token of prompt + completion, trained with the Bradley-Terry pairwise loss.\n\n"
-        f"```python\n{load}\n```\n\n## Held-out pairs\n\n{metric_table(metrics, eval_keys)}\n\n"
-        f"Training options: `{CONFIG_FILE}`; metrics per step: `metrics.jsonl`.\n"
-    )
-    return build_card(front, body)
+    return RewardTrainer(config).train()
 
 
 # ====================================================================== command line

@@ -17,31 +17,31 @@ from llm_rl.modeling import CausalLMWithValueHead
 from llm_rl.ops import logprobs_from_logits
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
+    """What was sampled, and what the policy and the reference said about it before any step.
+
+    Frozen: the later phases return their own values (`rewards.Scores`, `targets.Targets`) instead of
+    writing here; `dataclasses.replace` makes a copy with more fields filled (the fused update takes the
+    old log-probs from its training forward)."""
+
     prompt_ids: torch.Tensor  # (batch, prompt_len), left-padded
     prompt_mask: torch.Tensor  # (batch, prompt_len)
     response_ids: torch.Tensor  # (batch, resp_len), pad after the stop token
-    response_mask: torch.Tensor  # (batch, resp_len) 1 on response tokens, the stop token included
-    ended: torch.Tensor  # (batch,) bool: the response emitted a stop token
-    logprobs: Optional[torch.Tensor] = None  # (batch, resp_len) log pi_old(a_t | x_t)
-    values: Optional[torch.Tensor] = None  # (batch, resp_len) V_old(x_t)
-    ref_logprobs: Optional[torch.Tensor] = None  # (batch, resp_len)
-    scores: Optional[torch.Tensor] = None  # (batch,) sequence scores after shaping
-    token_scores: Optional[torch.Tensor] = None  # (batch, resp_len) token-level rewards from reward functions
-    prefix_scores: Optional[tuple] = None  # prefix_diff: ((batch, resp_len) Q_t, (batch,) Q_{-1})
-    token_rewards: Optional[torch.Tensor] = None  # (batch, resp_len) everything GAE sees
-    advantages: Optional[torch.Tensor] = None  # (batch, resp_len)
-    returns: Optional[torch.Tensor] = None  # (batch, resp_len)
+    response_mask: torch.Tensor  # (batch, resp_len) 1 on the policy's tokens (the actions), the stop token included
+    ended: torch.Tensor  # (batch,) bool: the response emitted a stop token (multi-turn: the episode is done)
+    logprobs: Optional[torch.Tensor] = None  # (batch, resp_len) log pi_old(a_t | x_t); None until taken
+    values: Optional[torch.Tensor] = None  # (batch, resp_len) V_old(x_t); None without a value head
+    ref_logprobs: Optional[torch.Tensor] = None  # (batch, resp_len); None when nothing reads the reference
     prompts: list = field(default_factory=list)  # prompt texts, as the policy saw them
     prompt_messages: list = field(default_factory=list)  # chat messages of each prompt, or None (plain text)
-    completions: list = field(default_factory=list)  # response texts, stop token removed
+    completions: list = field(default_factory=list)  # response texts, stop token removed (multi-turn: transcripts)
     columns: dict = field(default_factory=dict)  # other dataset columns, passed to reward functions
-    reward_values: dict = field(default_factory=dict)  # reward name -> (batch,) each reward's value per row
     # multi-turn episodes (llm_rl.episodes): the response region holds bot turns and observations;
     # response_mask marks the bot's tokens (all that gets a loss), context_mask every real token
     context_mask: Optional[torch.Tensor] = None  # (batch, resp_len)
     turn_ends: Optional[torch.Tensor] = None  # (batch, resp_len) bool: last token of each bot turn
+    turn_scores: Optional[torch.Tensor] = None  # (batch, resp_len) the environment's reward on each turn's last token
     final_values: Optional[torch.Tensor] = None  # (batch,) V after the last token of an episode cut before done
     num_turns: Optional[torch.Tensor] = None  # (batch,)
 
@@ -61,14 +61,23 @@ class Rollout:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
-    def select(self, index: torch.Tensor) -> Rollout:
-        """The rows `index` of every tensor field (text fields are left out)."""
-        tensors = {
-            f.name: getattr(self, f.name)[index]
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return Rollout(**tensors)
+    def select(self, rows: torch.Tensor, width: Optional[int] = None) -> Rollout:
+        """The `rows` of every tensor field, response columns cut to `width`; text fields are left out."""
+        return Rollout(**select_rows(self, rows, width, prompt_fields=("prompt_ids", "prompt_mask")))
+
+
+def select_rows(batch, rows: torch.Tensor, width: Optional[int], prompt_fields: tuple[str, ...] = ()) -> dict:
+    """The tensor fields of the dataclass `batch` at `rows`, as a dict; per-token fields (all 2-D ones but
+    `prompt_fields`) keep their first `width` response columns (all with None)."""
+    out = {}
+    for f in fields(batch):
+        tensor = getattr(batch, f.name)
+        if isinstance(tensor, torch.Tensor):
+            tensor = tensor[rows]
+            if width is not None and tensor.dim() == 2 and f.name not in prompt_fields:
+                tensor = tensor[:, :width]
+            out[f.name] = tensor
+    return out
 
 
 def truncate_after_stop(
@@ -207,7 +216,7 @@ def forward_logprobs(
 
 
 @torch.no_grad()
-def score_tokens(
+def logprobs_and_values(
     model: CausalLMWithValueHead,
     rollout: Rollout,
     temperature: float,

@@ -59,8 +59,7 @@ def clean(output_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return removed
 
 
-def prepare(accelerator, output_dir: Path, overwrite: bool, resuming: bool, resumable: bool = True,
-            extra: tuple[str, ...] = ()) -> None:
+def prepare(accelerator, output_dir: Path, overwrite: bool, resuming: bool, extra: tuple[str, ...] = ()) -> None:
     """Check that `output_dir` may take this run, then (main process) create it, clean it when
     overwriting, and start an empty metrics.jsonl unless resuming.
 
@@ -71,9 +70,9 @@ def prepare(accelerator, output_dir: Path, overwrite: bool, resuming: bool, resu
     found = [] if resuming or overwrite else completed_work(output_dir)
     accelerator.wait_for_everyone()  # every process looks before the main process writes
     if found:
-        resume = "resume it with resume_from_checkpoint: latest, " if resumable else ""
         raise ConfigError(
-            f"{output_dir} already holds a run ({', '.join(found)}); {resume}choose another output_dir, "
+            f"{output_dir} already holds a run ({', '.join(found)}); resume it with resume_from_checkpoint: "
+            "latest, choose another output_dir, "
             "or set overwrite_output_dir: true (removes the files llm_rl wrote there)"
         )
     if accelerator.is_main_process:

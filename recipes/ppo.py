@@ -1,13 +1,10 @@
-"""PPO on a causal LM from a YAML config.
+"""Entry point for PPO fine-tuning of a causal LM: `llm_rl.pipeline.run_ppo` on a YAML config.
 
-One process (CPU or one GPU):
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/ppo.py --config recipes/configs/addition.yaml
-Many GPUs (DDP), FSDP or DeepSpeed: pick the matching file in accelerate_configs/, e.g.
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/ppo.py --config recipes/configs/X.yaml
-Any config key can be overridden on the command line:
-    ... recipes/ppo.py --config recipes/configs/X.yaml --learning_rate 1e-5 --output_dir outputs/run2
 
-The same run without accelerate launch: `llm-rl ppo --config recipes/configs/X.yaml`.
+For DDP, FSDP or DeepSpeed give the matching accelerate_configs/*.yaml instead of cpu.yaml. Keys after
+the config file override it (`--learning_rate 1e-5 --output_dir outputs/run2`); `llm-rl ppo --help`
+lists them all, and `llm-rl ppo --config FILE` is the same run without the launcher.
 """
 
 import sys

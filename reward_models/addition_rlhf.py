@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from llm_rl.callbacks import Evaluate
 from llm_rl.tasks import addition_preferences, arithmetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,14 +109,14 @@ def run_ppo_against_rm(out: Path, warm_start: Path, rm_dir: Path, seed: int, max
     before["mistakes"] = mistakes_of(policy, tokenizer, heldout)
     print(f"[rlhf] before PPO: {before}")
 
-    def eval_fn(trainer) -> dict:
+    def held_out(trainer) -> dict:
         model = trainer.accelerator.unwrap_model(trainer.model)
         return evaluate(model, trainer.ref_model, tokenizer, heldout, config.sampling.temperature)
 
     start = time.perf_counter()
-    trainer, history = run_ppo(config, eval_fn=eval_fn)
+    trainer, history = run_ppo(config, callbacks=[Evaluate(held_out)])
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    after = eval_fn(trainer)
+    after = held_out(trainer)
     after["mistakes"] = mistakes_of(policy, tokenizer, heldout)
     print(f"[rlhf] after PPO: {after}")
     return {

@@ -1,16 +1,11 @@
-"""Train a reward model on preference pairs (Bradley-Terry loss), from a YAML config.
+"""Entry point for reward-model training on preference pairs (Bradley-Terry loss):
+`llm_rl.reward_training.train_reward_model` on a YAML config, launched like recipes/ppo.py:
 
-One process (CPU or one GPU):
     accelerate launch --config_file accelerate_configs/cpu.yaml reward_models/train.py --config reward_models/configs/addition_rm.yaml
-Many GPUs (DDP), FSDP or DeepSpeed: pick the matching file in accelerate_configs/, e.g.
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml reward_models/train.py --config reward_models/configs/X.yaml
-Any config key can be overridden on the command line:
-    ... reward_models/train.py --config reward_models/configs/addition_rm.yaml --learning_rate 1e-4 --output_dir outputs/rm2
-All keys with their help: `llm-rl reward train --help`.
 
-The same run without accelerate launch: `llm-rl reward train --config reward_models/configs/addition_rm.yaml`.
-The output folder loads with `AutoModelForSequenceClassification.from_pretrained` and is what a
-PPO config's `reward_model_name_or_path` takes.
+The output folder loads with `AutoModelForSequenceClassification.from_pretrained` and is what a PPO
+config's `reward_model_name_or_path` takes. Keys: `llm-rl reward train --help`; without the launcher:
+`llm-rl reward train --config FILE [--key value ...]`.
 """
 
 import sys

@@ -13,6 +13,7 @@ short run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ from accelerate import Accelerator
 
 from llm_rl.config import Config
 from llm_rl.pipeline import load_policy, load_prompts, load_tokenizer
-from llm_rl.rollout import Rollout, score_tokens
+from llm_rl.rollout import Rollout, logprobs_and_values
+from llm_rl.targets import Targets
 from llm_rl.trainer import PPOTrainer
 
 PROMPTS = ["1+2=", "17+5=", "123+45=", "7+77=", "30+3=", "999+1=", "4+56=", "78+9="]
@@ -49,7 +51,7 @@ def make_trainer(model_dir: Path, out_dir: Path, num_processes: int = 1, acceler
 
 
 @torch.no_grad()
-def fixed_rollout(trainer: PPOTrainer, seed: int = 0) -> Rollout:
+def fixed_rollout(trainer: PPOTrainer, seed: int = 0) -> tuple[Rollout, Targets]:
     """The same 8-row rollout on every process: log-probs and values from the initial policy (ratio 1),
     random reference log-probs, advantages and returns from a seeded generator."""
     tokenizer, device = trainer.tokenizer, trainer.accelerator.device
@@ -70,13 +72,14 @@ def fixed_rollout(trainer: PPOTrainer, seed: int = 0) -> Rollout:
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     rollout = Rollout(prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device),
                       response_mask.to(device), ended.to(device))
-    rollout.logprobs, rollout.values = score_tokens(trainer.model, rollout, 1.0, len(PROMPTS))
-    noise = torch.randn(rollout.logprobs.shape, generator=g).to(device)
+    logprobs, values = logprobs_and_values(trainer.model, rollout, 1.0, len(PROMPTS))
+    noise = torch.randn(logprobs.shape, generator=g).to(device)
     mask = rollout.response_mask
-    rollout.ref_logprobs = (rollout.logprobs + 0.3 * noise) * mask
-    rollout.advantages = torch.randn(mask.shape, generator=g).to(device) * mask
-    rollout.returns = (rollout.values + torch.randn(mask.shape, generator=g).to(device)) * mask
-    return rollout
+    rollout = dataclasses.replace(rollout, logprobs=logprobs, values=values, ref_logprobs=(logprobs + 0.3 * noise) * mask)
+    advantages = torch.randn(mask.shape, generator=g).to(device) * mask
+    returns = (values + torch.randn(mask.shape, generator=g).to(device)) * mask
+    zeros = torch.zeros_like(advantages)
+    return rollout, Targets(loss_mask=mask, kl=zeros, token_rewards=zeros, advantages=advantages, returns=returns)
 
 
 def trainable_parameters(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
@@ -95,10 +98,10 @@ def one_update(model_dir: Path, out_dir: Path, **overrides) -> tuple[dict, dict,
     acc = launched_accelerator(overrides)
     trainer = make_trainer(model_dir, out_dir, acc.num_processes, accelerator=acc, **overrides)
     before = trainable_parameters(trainer)
-    rollout = fixed_rollout(trainer)
+    rollout, targets = fixed_rollout(trainer)
     share = len(rollout) // acc.num_processes
     rows = torch.arange(acc.process_index * share, (acc.process_index + 1) * share, device=acc.device)
-    stats = trainer.optimize(rollout.select(rows))
+    stats = trainer.optimize(rollout.select(rows), targets.select(rows))
     return before, trainable_parameters(trainer), stats
 
 

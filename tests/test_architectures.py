@@ -121,7 +121,8 @@ def test_ratio_is_one_value_head_agrees_and_an_update_reloads(checkpoint, tmp_pa
     tokenizer = load_tokenizer(str(checkpoint))
     trainer = PPOTrainer(config, load_policy(config, tokenizer), tokenizer, load_prompts(config, tokenizer),
                          [length_reward])
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]), old_policy=True)
+    trainer.fused = False  # the rollout takes the old log-probs and values in its own no-grad forward
+    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
     assert rollout.response_mask.sum() > 0
     trainer.model.train()
     logprobs, values, _ = trainer.forward(rollout)

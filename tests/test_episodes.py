@@ -3,6 +3,8 @@ and the episode rollout on a tiny model with a scripted environment."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -255,24 +257,26 @@ def make_trainer(values: dict, out, **overrides):
 def test_observation_tokens_get_no_advantage_kl_or_loss(episode_setup, tmp_path):
     _, values = episode_setup
     trainer = make_trainer(values, tmp_path / "run", kl_coef=0.5)
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]), old_policy=True)
-    trainer.score(rollout)
-    kl = trainer.compute_advantages(rollout)
+    trainer.fused = False  # the rollout takes the old policy's log-probs and values itself
+    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
+    targets = trainer.targets(rollout, trainer.score(rollout))
     observation = rollout.context_mask.bool() & ~rollout.response_mask.bool()
     assert observation.any() and rollout.response_mask.any()
-    for name, tensor in [("kl", kl), ("advantages", rollout.advantages), ("returns", rollout.returns),
-                         ("logprobs", rollout.logprobs), ("values", rollout.values), ("rewards", rollout.token_rewards)]:
+    for name, tensor in [("kl", targets.kl), ("advantages", targets.advantages), ("returns", targets.returns),
+                         ("logprobs", rollout.logprobs), ("values", rollout.values),
+                         ("rewards", targets.token_rewards)]:
         assert tensor[observation].abs().max() == 0, name
     # the loss does not see what sits at observation positions
     trainer.model.train()
-    normalizer = trainer.global_count(rollout.response_mask)
-    batch = rollout.select(torch.arange(4))
-    logprobs, v, logits = trainer.forward(batch)
-    first = trainer.loss_and_backward(batch, logprobs, v, logits, normalizer)
-    for name in ("logprobs", "advantages", "returns", "values", "ref_logprobs"):
-        getattr(batch, name)[observation] = 1e3
-    logprobs, v, logits = trainer.forward(batch)
-    second = trainer.loss_and_backward(batch, logprobs, v, logits, normalizer)
+    normalizer = trainer.global_count(targets.loss_mask)
+    first = trainer.loss_and_backward(rollout, targets, trainer.forward(rollout), normalizer)
+
+    def spoiled(batch, names):
+        return dataclasses.replace(batch, **{n: getattr(batch, n).masked_fill(observation, 1e3) for n in names})
+
+    rollout = spoiled(rollout, ("logprobs", "values", "ref_logprobs"))
+    targets = spoiled(targets, ("advantages", "returns"))
+    second = trainer.loss_and_backward(rollout, targets, trainer.forward(rollout), normalizer)
     for key in ("loss/policy", "loss/value", "loss/total", "entropy"):
         assert first[key].item() == pytest.approx(second[key].item(), abs=1e-7), key
 
@@ -304,29 +308,28 @@ def test_critic_free_estimators_take_the_discounted_episode_return(episode_setup
     _, values = episode_setup
     trainer = make_trainer(values, tmp_path / "run", advantage_estimator=estimator, num_generations=2, kl_coef=0.0,
                            whiten_advantages=False)
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1]), old_policy=True)
-    trainer.score(rollout)
-    trainer.compute_advantages(rollout)
+    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1]))
+    advantages = trainer.targets(rollout, trainer.score(rollout)).advantages
     mask = rollout.response_mask.bool()
     # the discounted episode return by hand: turn k's reward times 0.9 ** k
     turn_of = rollout.turn_ends.long().cumsum(1) - rollout.turn_ends.long()
-    episode_return = (rollout.token_scores * 0.9 ** turn_of.float()).sum(1)
+    episode_return = (rollout.turn_scores * 0.9 ** turn_of.float()).sum(1)
     if estimator == "grpo":
         from llm_rl.advantages import grpo_advantages
 
         expected = grpo_advantages(episode_return, 2)
         for row in range(4):
-            assert torch.allclose(rollout.advantages[row][mask[row]], expected[row].expand(int(mask[row].sum())))
+            assert torch.allclose(advantages[row][mask[row]], expected[row].expand(int(mask[row].sum())))
     else:  # every bot token: its turn's discounted return to go, whitened over the batch's bot tokens
         from llm_rl.ops import masked_whiten
 
-        to_go = torch.zeros_like(rollout.token_scores)
+        to_go = torch.zeros_like(rollout.turn_scores)
         for row in range(4):
-            rewards = rollout.token_scores[row][rollout.turn_ends[row]].tolist()  # one per turn, in order
+            rewards = rollout.turn_scores[row][rollout.turn_ends[row]].tolist()  # one per turn, in order
             for t in mask[row].nonzero().flatten().tolist():
                 k = int(turn_of[row, t])
                 to_go[row, t] = sum(r * 0.9 ** (j - k) for j, r in enumerate(rewards) if j >= k)
-        torch.testing.assert_close(rollout.advantages, masked_whiten(to_go, rollout.response_mask) * mask)
+        torch.testing.assert_close(advantages, masked_whiten(to_go, rollout.response_mask) * mask)
 
 
 def test_resume_in_the_middle_of_a_multi_turn_run(episode_setup, tmp_path):

@@ -69,14 +69,14 @@ def test_critic_free_estimators_train_without_a_value_head(assets, tmp_path, est
 
 def test_groups_are_consecutive_rows_of_the_same_prompt(assets, tmp_path):
     trainer = make_trainer(assets, tmp_path, advantage_estimator="grpo", num_generations=3)
+    trainer.fused = False  # the rollout takes the old log-probs itself
     rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1]))
     assert len(rollout) == 6
     assert rollout.prompts == [rollout.prompts[0]] * 3 + [rollout.prompts[3]] * 3
     assert torch.equal(rollout.prompt_ids[0], rollout.prompt_ids[2])
-    trainer.score(rollout)
-    trainer.compute_advantages(rollout)
+    advantages = trainer.targets(rollout, trainer.score(rollout)).advantages
     # with the KL in the reward, each group's advantages sum to ~0 (mean-centred per group)
-    per_row = (rollout.advantages * rollout.response_mask).sum(1) / rollout.response_mask.sum(1)
+    per_row = (advantages * rollout.response_mask).sum(1) / rollout.response_mask.sum(1)
     sums = per_row.view(2, 3).sum(1)
     assert torch.allclose(sums, torch.zeros(2), atol=1e-4)
 
@@ -93,11 +93,12 @@ def test_grpo_needs_groups():
 def test_token_level_rewards_reach_the_token_rewards(assets, tmp_path):
     _, _, reward_file = assets
     trainer = make_trainer(assets, tmp_path, reward_funcs=[f"{reward_file}:per_token"], kl_coef=0.0)
+    trainer.fused = False  # the rollout takes the old log-probs itself
     rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
-    trainer.score(rollout)
-    trainer.compute_advantages(rollout)
+    assert rollout.ref_logprobs is None  # kl_coef 0: nothing reads the reference, so it is not run
+    targets = trainer.targets(rollout, trainer.score(rollout))
     expected = (rollout.response_ids == 10).float() * rollout.response_mask
-    assert torch.equal(rollout.token_rewards, expected)  # beta 0, no sequence score: only the per-token ones
+    assert torch.equal(targets.token_rewards, expected)  # beta 0, no sequence score: only the per-token ones
     history = trainer.train()
     assert finite(history)
 
@@ -127,9 +128,12 @@ def test_invalid_rewards_are_skipped_and_counted(assets, tmp_path):
     assert [row["reward/invalid"] for row in history] == [1.0, 1.0]
     assert [row["score/mean"] for row in history] == [1.0, 1.0]  # over the samples that were kept
     assert finite(history)
+    trainer.fused = False  # the rollout takes the old log-probs itself
     rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
-    trainer.score(rollout)
-    assert rollout.response_mask[0].sum() == 0 and rollout.response_mask[1:].sum() > 0
+    scores = trainer.score(rollout)
+    assert scores.valid.tolist() == [False, True, True, True]
+    loss_mask = trainer.targets(rollout, scores).loss_mask
+    assert loss_mask[0].sum() == 0 and loss_mask[1:].sum() > 0
 
 
 def test_invalid_reward_stops_by_default(assets, tmp_path):
@@ -169,12 +173,13 @@ def test_prefix_diff_run(assets, tmp_path, shared_vocab_reward_model):
     trainer = make_trainer(assets, tmp_path, advantage_estimator="prefix_diff", reward_funcs=[],
                            reward_model_name_or_path=str(shared_vocab_reward_model), whiten_advantages=False,
                            kl_coef=0.0)
+    trainer.fused = False  # the rollout takes the old log-probs itself
     rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
-    trainer.score(rollout)
-    trainer.compute_advantages(rollout)
+    scores = trainer.score(rollout)
+    advantages = trainer.targets(rollout, scores).advantages
     # the increments telescope: each row's advantages sum to its sequence score - Q_prompt (TD(0) with the
     # prefix scores as the critic and the score as the terminal reward)
-    _, prompt_score = rollout.prefix_scores
-    expected = rollout.scores - prompt_score
-    assert torch.allclose((rollout.advantages * rollout.response_mask).sum(1), expected, atol=1e-5)
+    _, prompt_score = scores.prefix
+    expected = scores.sequence - prompt_score
+    assert torch.allclose((advantages * rollout.response_mask).sum(1), expected, atol=1e-5)
     assert finite(trainer.train())

@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from test_distributed import explain, launch
 
 from llm_rl.config import Config
+from llm_rl.rewards import Scores
 from llm_rl.rollout import Rollout
+from llm_rl.targets import compute_targets
 from llm_rl.trainer import SHARE_STATS, PPOTrainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
@@ -195,45 +197,43 @@ def test_adaptive_kl_counts_every_sample(tiny_model_dir, tmp_path):
     assert trainer.kl_controller.value == pytest.approx(0.1 * (1 + error * samples / 100))
 
 
-# ----------------------------------------------------------------------------- compute_advantages alone
-def advantages_of(rollout: Rollout, **values) -> Rollout:
-    """`PPOTrainer.compute_advantages` on a hand-made rollout (it needs only the config and the KL coefficient)."""
-    config = Config.from_dict({"kl_coef": 0.0, "whiten_advantages": False, **values})
-    trainer = SimpleNamespace(config=config, kl_controller=SimpleNamespace(value=0.0))
-    PPOTrainer.compute_advantages(trainer, rollout)
-    return rollout
+# ----------------------------------------------------------------------------- compute_targets alone
+def advantages_of(rollout: Rollout, scores: Scores, **values) -> torch.Tensor:
+    """The advantages `compute_targets` gives a hand-made rollout under the config `values`, beta 0."""
+    ppo = Config.from_dict({"whiten_advantages": False, **values}).ppo
+    return compute_targets(rollout, scores, estimator=ppo.advantage_estimator, beta=0.0,
+                           group_size=ppo.num_generations, whiten_advantages=ppo.whiten_advantages).advantages
 
 
-def hand_rollout(scores: list[float], lengths: list[int], width: int = 3) -> Rollout:
+def hand_rollout(scores: list[float], lengths: list[int], width: int = 3, prefix=None) -> tuple[Rollout, Scores]:
     n = len(scores)
     mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
     zeros = torch.zeros(n, width)
-    return Rollout(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
-                   torch.zeros(n, width, dtype=torch.long), mask, torch.ones(n, dtype=torch.bool),
-                   logprobs=zeros, ref_logprobs=zeros, scores=torch.tensor(scores))
+    rollout = Rollout(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
+                      torch.zeros(n, width, dtype=torch.long), mask, torch.ones(n, dtype=torch.bool),
+                      logprobs=zeros, ref_logprobs=zeros)
+    valid = torch.tensor(lengths) > 0  # a dropped sample (invalid reward) keeps no tokens
+    return rollout, Scores(torch.tensor(scores), None, valid, per_reward={}, means={}, prefix=prefix)
 
 
 def test_group_estimators_leave_dropped_rows_out_of_their_group():
     # group of 3, the middle sample dropped (no tokens, score 0): the others are compared with each other only
-    rollout = advantages_of(hand_rollout([1.0, 0.0, 3.0], [2, 0, 1]), advantage_estimator="rloo", num_generations=3)
+    advantages = advantages_of(*hand_rollout([1.0, 0.0, 3.0], [2, 0, 1]), advantage_estimator="rloo", num_generations=3)
     # rloo: 1 - 3 = -2 and 3 - 1 = 2 on every token; the dropped row gets nothing
-    torch.testing.assert_close(rollout.advantages, torch.tensor([[-2.0, -2.0, 0.0], [0.0] * 3, [2.0, 0.0, 0.0]]))
-    rollout = advantages_of(hand_rollout([1.0, 0.0, 3.0], [2, 0, 1]), advantage_estimator="grpo", num_generations=3)
+    torch.testing.assert_close(advantages, torch.tensor([[-2.0, -2.0, 0.0], [0.0] * 3, [2.0, 0.0, 0.0]]))
+    advantages = advantages_of(*hand_rollout([1.0, 0.0, 3.0], [2, 0, 1]), advantage_estimator="grpo", num_generations=3)
     # grpo: mean 2, unbiased std sqrt(2): -/+ 1/sqrt(2)
     a = 1 / math.sqrt(2)
-    torch.testing.assert_close(rollout.advantages, torch.tensor([[-a, -a, 0.0], [0.0] * 3, [a, 0.0, 0.0]]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(advantages, torch.tensor([[-a, -a, 0.0], [0.0] * 3, [a, 0.0, 0.0]]), atol=1e-5, rtol=0)
 
 
 def test_prefix_diff_takes_the_sequence_score_as_terminal_reward():
     """prefix scores Q = (0.5, 0.75) after a prompt scored 0.25; the shaped score (other rewards, clipping,
     missing_eos_penalty: whatever made it) is 2.0: A = (Q_0 - Q_-1, score - Q_0)."""
-    rollout = hand_rollout([2.0], [2], width=2)
-    rollout.prefix_scores = (torch.tensor([[0.5, 0.75]]), torch.tensor([0.25]))
-    advantages_of(rollout, advantage_estimator="prefix_diff", reward_model_name_or_path="rm")
-    torch.testing.assert_close(rollout.advantages, torch.tensor([[0.25, 1.5]]))
+    prefix = (torch.tensor([[0.5, 0.75]]), torch.tensor([0.25]))
+    config = {"advantage_estimator": "prefix_diff", "reward_model_name_or_path": "rm"}
+    advantages = advantages_of(*hand_rollout([2.0], [2], width=2, prefix=prefix), **config)
+    torch.testing.assert_close(advantages, torch.tensor([[0.25, 1.5]]))
     # a different score (say a missing-EOS penalty of 1) changes the advantages
-    rollout = hand_rollout([1.0], [2], width=2)
-    rollout.prefix_scores = (torch.tensor([[0.5, 0.75]]), torch.tensor([0.25]))
-    advantages_of(rollout, advantage_estimator="prefix_diff", reward_model_name_or_path="rm")
-    torch.testing.assert_close(rollout.advantages, torch.tensor([[0.25, 0.5]]))
+    advantages = advantages_of(*hand_rollout([1.0], [2], width=2, prefix=prefix), **config)
+    torch.testing.assert_close(advantages, torch.tensor([[0.25, 0.5]]))

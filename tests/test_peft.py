@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_rl.config import Config
 from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
-from llm_rl.rollout import Rollout, score_tokens
+from llm_rl.rollout import Rollout, logprobs_and_values
 from llm_rl.tasks import arithmetic
 from llm_rl.trainer import PPOTrainer
 
@@ -49,8 +49,8 @@ def test_reference_is_the_adapter_disabled_base_model(tiny_model_dir, tmp_path):
     rollout = Rollout(prompt, torch.ones_like(prompt), response, torch.ones_like(response), torch.tensor([True]))
 
     with trainer.reference() as ref:
-        ref_logprobs, _ = score_tokens(ref, rollout, temperature=1.0, chunk_size=1, reference=True)
-    policy_logprobs, _ = score_tokens(policy, rollout, temperature=1.0, chunk_size=1)
+        ref_logprobs, _ = logprobs_and_values(ref, rollout, temperature=1.0, chunk_size=1, reference=True)
+    policy_logprobs, _ = logprobs_and_values(policy, rollout, temperature=1.0, chunk_size=1)
     ids = torch.cat([prompt, response], 1)
     base_logprobs = torch.log_softmax(base(ids).logits[0, prompt.shape[1] - 1 : -1], -1)
     expected = base_logprobs.gather(-1, response[0, :, None])[:, 0]

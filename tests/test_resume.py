@@ -67,6 +67,8 @@ def kill_after_checkpoint(args, out: Path, update: int) -> None:
     for later in checkpoint.list_checkpoints(out):
         if int(later.name.split("-")[1]) > update:
             shutil.rmtree(later)
+    for unfinished in out.glob(f".tmp-{checkpoint.PREFIX}*"):  # a later checkpoint was being written
+        shutil.rmtree(unfinished)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llm_rl.modeling import CausalLMWithValueHead
-from llm_rl.rollout import Rollout, forward_logprobs, generate_responses, score_tokens, truncate_after_stop
+from llm_rl.rollout import Rollout, forward_logprobs, generate_responses, logprobs_and_values, truncate_after_stop
 
 PAD, EOS = 0, 1
 PROMPTS = [[4, 13, 5, 14], [4, 5, 13, 6, 7, 14], [4, 5, 6, 13, 7, 8, 9, 10, 14]]  # 1+2=  12+34=  123+4567=
@@ -159,7 +159,7 @@ def test_forward_logprobs_match_manual_log_softmax(tiny_lm, pad_helpers, tempera
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @torch.no_grad()
-def test_score_tokens_match_manual_and_zero_on_padding(tiny_lm, pad_helpers, temperature):
+def test_logprobs_and_values_match_manual_and_zero_on_padding(tiny_lm, pad_helpers, temperature):
     left_pad, right_pad = pad_helpers
     policy = CausalLMWithValueHead(tiny_lm).eval()
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_score_tokens_match_manual_and_zero_on_padding(tiny_lm, pad_helpers, tem
     response_ids, response_mask = right_pad(RESPONSES, 4, PAD)
     rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended=torch.tensor([True, True, False]))
 
-    logprobs, values = score_tokens(policy, rollout, temperature, chunk_size=2)
+    logprobs, values = logprobs_and_values(policy, rollout, temperature, chunk_size=2)
     assert logprobs.shape == values.shape == (3, 4)
     assert logprobs.dtype == values.dtype == torch.float32
     pad_positions = response_mask == 0
@@ -183,10 +183,10 @@ def test_score_tokens_match_manual_and_zero_on_padding(tiny_lm, pad_helpers, tem
         )
 
     # one chunk gives the same numbers as chunks of two rows
-    logprobs_1, values_1 = score_tokens(policy, rollout, temperature, chunk_size=3)
+    logprobs_1, values_1 = logprobs_and_values(policy, rollout, temperature, chunk_size=3)
     torch.testing.assert_close(logprobs_1, logprobs, atol=1e-6, rtol=0)
     torch.testing.assert_close(values_1, values, atol=1e-6, rtol=0)
 
-    ref_logprobs, ref_values = score_tokens(policy, rollout, temperature, chunk_size=2, reference=True)
+    ref_logprobs, ref_values = logprobs_and_values(policy, rollout, temperature, chunk_size=2, reference=True)
     assert ref_values is None
     torch.testing.assert_close(ref_logprobs, logprobs, atol=1e-6, rtol=0)

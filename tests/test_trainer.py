@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llm_rl.trainer as trainer_module
+from llm_rl.callbacks import TrainerCallback
 from llm_rl.config import Config, ConfigError
 from llm_rl.pipeline import load_policy, load_tokenizer, run_ppo
 
@@ -141,12 +142,12 @@ def test_ppo_run_trains_logs_and_saves(assets, tmp_path):
 
 def test_ratio_warning_when_rollout_and_training_temperatures_differ(assets, tmp_path, monkeypatch):
     """Old log-probs taken at another temperature than training uses must trip the first-minibatch check."""
-    original = trainer_module.score_tokens
+    original = trainer_module.logprobs_and_values
 
     def score_at_double_temperature(model, rollout, temperature, *args, **kwargs):
         return original(model, rollout, temperature * 2, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "score_tokens", score_at_double_temperature)
+    monkeypatch.setattr(trainer_module, "logprobs_and_values", score_at_double_temperature)
     # two micro-batches: the rollout takes its own no-grad forward (the fused path has none to get wrong)
     config = make_config(assets, tmp_path / "run", max_updates=1, gradient_accumulation_steps=2, ppo_epochs=1)
     with pytest.warns(RuntimeWarning, match="ratio"):
@@ -215,3 +216,38 @@ def test_output_dir_holding_a_run_needs_overwrite(assets, tmp_path):
     _, history = run_ppo(make_config(assets, out, max_updates=1, overwrite_output_dir=True))
     assert len(history) == 1
     assert [row["update"] for row in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+# ----------------------------------------------------------------------------- callbacks, the reference
+def test_callbacks_see_every_update_and_what_they_add_is_logged(assets, tmp_path):
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.updates, self.trained = [], None
+
+        def on_evaluate(self, trainer):
+            return {"calls": float(trainer.update)}
+
+        def on_update_end(self, trainer, metrics):
+            self.updates.append(metrics["update"])
+            metrics["custom/twice_score"] = 2 * metrics["score/mean"]
+
+        def on_train_end(self, trainer, history):
+            self.trained = len(history)
+
+    recorder = Recorder()
+    config = make_config(assets, tmp_path / "run", max_updates=3, eval_steps=2)
+    _, history = run_ppo(config, callbacks=[recorder])
+    assert recorder.updates == [1, 2, 3] and recorder.trained == 3
+    logged = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [row["custom/twice_score"] for row in logged] == pytest.approx([2 * row["score/mean"] for row in logged])
+    assert [row.get("eval/calls") for row in logged] == [None, 2.0, 3.0]  # every 2 updates and at the end
+
+
+def test_no_reference_is_kept_or_run_when_nothing_reads_it(assets, tmp_path):
+    config = make_config(assets, tmp_path / "run", max_updates=1, kl_coef=0.0)
+    trainer, history = run_ppo(config)
+    assert trainer.ref_model is None and not trainer.uses_reference
+    assert not any(key.startswith("kl/") for key in history[0])
+    config = make_config(assets, tmp_path / "run2", max_updates=1, kl_coef=0.0, adaptive_kl=True)
+    trainer, history = run_ppo(config)
+    assert trainer.ref_model is not None and "kl/per_sequence" in history[0]  # the controller may raise beta

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llm_rl import checkpoint, cli
+from llm_rl.callbacks import Evaluate
 from llm_rl.config import Config, ConfigError, parse_overrides, split_config_arg
 from llm_rl.data import DataError
 from llm_rl.pipeline import run_ppo
@@ -265,7 +266,7 @@ def test_completions_table_goes_to_wandb_as_a_table():
 def test_demo_style_eval_callback_still_runs(tiny_model_dir, data, tmp_path):
     calls = []
     config = config_for(tiny_model_dir, data, tmp_path / "out", eval_steps=1)
-    _, history = run_ppo(config, eval_fn=lambda trainer: calls.append(trainer.update) or {"accuracy": 0.5})
+    _, history = run_ppo(config, callbacks=[Evaluate(lambda trainer: calls.append(trainer.update) or {"accuracy": 0.5})])
     assert calls == [1, 2] and all(row["eval/accuracy"] == 0.5 for row in history)
 
 

@@ -1,0 +1,106 @@
+"""Phase 3 as a pure function: `compute_targets` on hand-made rollouts, against values computed by hand;
+the estimator table and the typed config choices it is keyed by."""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import pytest
+import torch
+
+from llm_rl.advantages import ESTIMATORS
+from llm_rl.config import AdvantageEstimator, Config, ConfigError
+from llm_rl.rewards import Scores, kl_rewards, place_scores, token_rewards
+from llm_rl.rollout import Rollout
+from llm_rl.targets import compute_targets
+
+
+def rollout_of(mask, logprobs, ref_logprobs=None, values=None) -> Rollout:
+    mask = torch.tensor(mask)
+    n, width = mask.shape
+    return Rollout(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
+                   torch.zeros(n, width, dtype=torch.long), mask, torch.ones(n, dtype=torch.bool),
+                   logprobs=torch.tensor(logprobs),
+                   ref_logprobs=None if ref_logprobs is None else torch.tensor(ref_logprobs),
+                   values=None if values is None else torch.tensor(values))
+
+
+def scores_of(sequence, valid=None, tokens=None) -> Scores:
+    valid = torch.ones(len(sequence), dtype=torch.bool) if valid is None else torch.tensor(valid)
+    return Scores(torch.tensor(sequence), None if tokens is None else torch.tensor(tokens), valid, {}, {})
+
+
+MASK = [[1, 1, 1], [1, 1, 0]]
+LOGPROBS = [[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]]
+REF = [[-1.5, -1.0, -0.5], [-2.0, -3.0, 0.0]]  # k1 KL = logprobs - ref = [[0.5, 0, -0.5], [0, 1, 0]]
+VALUES = [[0.5, 0.5, 0.5], [1.0, 1.0, 0.0]]
+
+
+def test_gae_targets_by_hand():
+    """beta 0.1, scores (1, 2): r = [[-0.05, 0, 0.05 + 1], [0, -0.1 + 2, 0]]; GAE gamma 1, lam 0.5:
+    row 0: A_2 = 1.05 - 0.5 = 0.55, A_1 = 0 + 0.5 * 0.55 = 0.275, A_0 = -0.05 + 0.5 * 0.275 = 0.0875;
+    row 1: A_1 = 1.9 - 1 = 0.9, A_0 = 0 + 0.5 * 0.9 = 0.45. Returns are A + V on the response."""
+    targets = compute_targets(rollout_of(MASK, LOGPROBS, REF, VALUES), scores_of([1.0, 2.0]), estimator="gae",
+                              beta=0.1, gamma=1.0, lam=0.5, whiten_advantages=False)
+    torch.testing.assert_close(targets.kl, torch.tensor([[0.5, 0.0, -0.5], [0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(targets.token_rewards, torch.tensor([[-0.05, 0.0, 1.05], [0.0, 1.9, 0.0]]))
+    torch.testing.assert_close(targets.advantages, torch.tensor([[0.0875, 0.275, 0.55], [0.45, 0.9, 0.0]]))
+    torch.testing.assert_close(targets.returns, torch.tensor([[0.5875, 0.775, 1.05], [1.45, 1.9, 0.0]]))
+    assert torch.equal(targets.loss_mask, torch.tensor(MASK))
+
+
+def test_an_invalid_row_gets_no_kl_reward_or_advantage_and_token_scores_add():
+    targets = compute_targets(
+        rollout_of(MASK, LOGPROBS, REF, VALUES), scores_of([1.0, 2.0], valid=[True, False],
+                                                           tokens=[[0.0, 0.5, 0.0], [1.0, 0.0, 0.0]]),
+        estimator="gae", beta=0.1, gamma=1.0, lam=1.0, whiten_advantages=False,
+    )
+    assert targets.loss_mask.tolist() == [[1, 1, 1], [0, 0, 0]]
+    assert targets.kl[1].abs().sum() == 0 and targets.advantages[1].abs().sum() == 0
+    assert targets.token_rewards[1].abs().sum() == 0
+    torch.testing.assert_close(targets.token_rewards[0], torch.tensor([-0.05, 0.5, 1.05]))
+    # lam 1, gamma 1: A_t = sum of the rewards to go - V_t
+    torch.testing.assert_close(targets.advantages[0], torch.tensor([1.5 - 0.5, 1.55 - 0.5, 1.05 - 0.5]))
+
+
+def test_without_a_reference_the_kl_is_zero():
+    targets = compute_targets(rollout_of(MASK, LOGPROBS, values=VALUES), scores_of([1.0, 2.0]), estimator="gae",
+                              beta=0.1, whiten_advantages=False)
+    assert targets.kl.abs().sum() == 0
+    torch.testing.assert_close(targets.token_rewards, place_scores(torch.tensor([1.0, 2.0]), torch.tensor(MASK)))
+
+
+def test_grpo_is_not_whitened_again_and_rloo_is():
+    """Group of two with summed rewards 1 and 3 (beta 0): grpo gives -/+ 1/sqrt(2) on every token, and
+    whiten_advantages leaves it (grpo normalises per group); rloo (-2, +2) is whitened over the tokens."""
+    rollout, scores = rollout_of(MASK, LOGPROBS), scores_of([1.0, 3.0])
+    grpo = compute_targets(rollout, scores, estimator="grpo", beta=0.0, group_size=2, whiten_advantages=True)
+    a = 1 / math.sqrt(2)
+    torch.testing.assert_close(grpo.advantages, torch.tensor([[-a, -a, -a], [a, a, 0.0]]), atol=1e-5, rtol=0)
+    assert grpo.returns is None
+    rloo = compute_targets(rollout, scores, estimator="rloo", beta=0.0, group_size=2, whiten_advantages=True)
+    tokens = torch.tensor([-2.0, -2.0, -2.0, 2.0, 2.0])  # the five response tokens' advantages before whitening
+    expected = (tokens - tokens.mean()) / tokens.std()
+    torch.testing.assert_close(rloo.advantages[torch.tensor(MASK).bool()], expected, atol=1e-5, rtol=0)
+
+
+def test_reward_placement_functions_by_hand():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+    kl = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    assert kl_rewards(kl, mask, 0.5).tolist() == [[-0.5, -1.0, 0.0], [0.0, 0.0, 0.0], [-0.25, -0.25, -0.25]]
+    assert place_scores(torch.tensor([2.0, 7.0, 3.0]), mask).tolist() == [[0, 2, 0], [0, 0, 0], [0, 0, 3]]
+    assert token_rewards(torch.tensor([2.0, 7.0, 3.0]), kl, mask, 0.5).tolist() == [
+        [-0.5, 1.0, 0.0], [0.0, 0.0, 0.0], [-0.25, -0.25, 2.75]]
+
+
+def test_the_estimator_table_covers_exactly_the_configs_choices():
+    assert set(ESTIMATORS) == set(typing.get_args(AdvantageEstimator))
+    assert [name for name, spec in ESTIMATORS.items() if spec.needs_values] == ["gae"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("advantage_estimator", "ppo2"), ("kl_estimator", "k4"),
+                                            ("loss_agg", "mean"), ("discount", "episode")])
+def test_typed_choices_are_checked_when_the_config_loads(key, value):
+    with pytest.raises(ConfigError, match=rf"'{key}' is one of .*got '{value}'"):
+        Config.from_dict({key: value})
