@@ -465,14 +465,14 @@ class RewardTrainer(TrainingRun):
                 self.scheduler.step()
                 self.step += 1
                 self.bar.update(1)
-                checkpoint_due = self.due(config.save_steps) or self.step == self.total_steps
+                checkpoint_due = self.due(config.save_steps, at_end=True)
                 row = {}
                 # a checkpoint closes the logging window too, so a resumed run logs the rows an uninterrupted one does
                 if self.due(config.logging_steps) or checkpoint_due:
                     row.update(self.global_mean({f"train/{k}": v / micro_batches for k, v in sums.items()}))
                     row["lr"] = self.scheduler.get_last_lr()[0]
                     sums, micro_batches = {}, 0
-                if self.eval_loader is not None and (self.due(config.eval_steps) or self.step == self.total_steps):
+                if self.eval_loader is not None and self.due(config.eval_steps, at_end=True):
                     row.update(self.evaluate())
                 if row:
                     row = {"step": self.step, **row}
@@ -484,9 +484,6 @@ class RewardTrainer(TrainingRun):
                     break
         self.finish()
         return self.latest
-
-    def due(self, every: int) -> bool:
-        return bool(every) and self.step % every == 0
 
     def train_micro_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss, backward and (at the last micro-batch of an accumulation) the clipped optimizer step."""

@@ -117,6 +117,7 @@ class TrainingRun:
         """Open the trackers, restore the checkpoint being resumed, show the progress bar."""
         from tqdm.auto import tqdm
 
+        self.total_steps = total_steps
         if self.trackers_on:
             self.accelerator.init_trackers(self.tracker_run_name, config=flat_config(self.config.to_dict()))
         if self.resume_path is not None:
@@ -137,6 +138,11 @@ class TrainingRun:
                 f.write(json.dumps(metrics) + "\n")
             if line:
                 self.bar.write(line)
+
+    def due(self, every: int, at_end: bool = False) -> bool:
+        """Whether something done every `every` steps (0: never, or only at the end) is due now."""
+        step = getattr(self, self.step_key)
+        return bool(every and step % every == 0) or (at_end and step == self.total_steps)
 
     def global_sum(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         return reduce_scalars(self.accelerator, values, "sum")

@@ -107,38 +107,45 @@ class PPOTrainer(TrainingRun):
             self.evaluator = Evaluator(eval_prompts, eval_rewards or rewards, weights, config.train.eval_decoding)
         self.config, self.tokenizer, self.prompts, self.rewards = config, tokenizer, prompts, rewards
         self.callbacks = list(callbacks)
-        cfg_t, cfg_p, cfg_s = config.train, config.ppo, config.sampling
-        super().__init__(config, cfg_t, cfg_p.gradient_accumulation_steps, accelerator)  # folder checked, resume found
-        acc = self.accelerator
+        ppo, train = config.ppo, config.train
+        super().__init__(config, train, ppo.gradient_accumulation_steps, accelerator)  # folder checked, resume found
 
         # ---- sizes: derived once, here, never changed later
-        self.rollout_rows = cfg_p.batch_size * cfg_p.num_generations  # rows per process per update
-        self.micro_batch_size = self.rollout_rows // (cfg_p.num_mini_batches * cfg_p.gradient_accumulation_steps)
-        self.mini_batch_size = self.micro_batch_size * cfg_p.gradient_accumulation_steps
-        self.generation_batch_size = cfg_s.generation_batch_size or self.rollout_rows
+        self.rollout_rows = ppo.batch_size * ppo.num_generations  # rows per process per update
+        self.micro_batch_size = self.rollout_rows // (ppo.num_mini_batches * ppo.gradient_accumulation_steps)
+        self.mini_batch_size = self.micro_batch_size * ppo.gradient_accumulation_steps
+        self.generation_batch_size = config.sampling.generation_batch_size or self.rollout_rows
         # one epoch over one micro-batch: the training forward, taken before any step, *is* the
         # old policy, so it also gives the old log-probs and values and the rollout skips that pass
-        self.fused = cfg_p.ppo_epochs == 1 and cfg_p.num_mini_batches == 1 and cfg_p.gradient_accumulation_steps == 1
-        self.sampler = PromptSampler(
-            len(prompts), cfg_p.batch_size, acc.num_processes, acc.process_index, cfg_t.seed, config.data.shuffle
-        )
-        self.num_updates = cfg_t.max_updates or max(
-            1, int(cfg_t.num_train_epochs * self.sampler.updates_per_epoch)
-        )
+        self.fused = ppo.ppo_epochs == 1 and ppo.num_mini_batches == 1 and ppo.gradient_accumulation_steps == 1
+        self.sampler = PromptSampler(len(prompts), ppo.batch_size, self.accelerator.num_processes,
+                                     self.accelerator.process_index, train.seed, config.data.shuffle)
+        self.num_updates = train.max_updates or max(1, int(train.num_train_epochs * self.sampler.updates_per_epoch))
         self.stop_token_ids = self._stop_token_ids()
-        needs_values = ESTIMATORS[cfg_p.advantage_estimator].needs_values
+        self.prefix_reward_model = self._prefix_reward_model() if ppo.advantage_estimator == "prefix_diff" else None
+        # the reference's log-probs are read by the KL penalty only: with kl_coef 0 (and no adaptive
+        # controller to raise it) no reference is kept or run
+        self.uses_reference = ppo.kl_coef > 0 or ppo.adaptive_kl
+        self._prepare_models(policy, ref_model)
+        self.kl_controller = (
+            AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
+            else FixedKLController(ppo.kl_coef)
+        )
+        # minibatch shuffling: same seed on every rank (same schedule), independent of sampling RNG
+        self.shuffle_generator = torch.Generator().manual_seed(train.seed)
+        set_seed(train.seed, device_specific=True)  # ranks sample different responses
+
+    def _prepare_models(self, policy: CausalLMWithValueHead, ref_model: Optional[CausalLMWithValueHead]) -> None:
+        """Policy (with its optimizer and schedule), reference and reward models on their devices; dropout
+        off, so that the rollout and the first training forward agree (ratio 1)."""
+        ppo = self.config.ppo
+        needs_values = ESTIMATORS[ppo.advantage_estimator].needs_values
         if needs_values != (policy.v_head is not None):
             raise ConfigError(
-                f"advantage_estimator {cfg_p.advantage_estimator} "
+                f"advantage_estimator {ppo.advantage_estimator} "
                 + ("needs the policy's value head" if needs_values
                    else "trains no value head: load the policy with value_head=False")
             )
-        # the reference's log-probs are read by the KL penalty only: with kl_coef 0 (and no adaptive
-        # controller to raise it) no reference is kept or run
-        self.uses_reference = cfg_p.kl_coef > 0 or cfg_p.adaptive_kl
-        self.prefix_reward_model = self._prefix_reward_model() if cfg_p.advantage_estimator == "prefix_diff" else None
-
-        # ---- models: dropout off so the rollout and the first training forward agree (ratio 1)
         disable_dropout(policy)
         uses_adapter = hasattr(policy.pretrained_model, "disable_adapter")  # peft: reference = adapter off
         if not self.uses_reference:
@@ -148,25 +155,16 @@ class PPOTrainer(TrainingRun):
         if ref_model is not None:
             disable_dropout(ref_model)
             ref_model.requires_grad_(False).eval()
-        if config.model.gradient_checkpointing:
+        if self.config.model.gradient_checkpointing:
             policy.pretrained_model.gradient_checkpointing_enable()
         check_master_weights(policy)
         # optimizer steps of this run (num_updates already reflects the process count)
-        steps = self.num_updates * cfg_p.ppo_epochs * cfg_p.num_mini_batches
-        self.prepare_training(policy, cfg_p, steps, trainable_only=uses_adapter)
+        steps = self.num_updates * ppo.ppo_epochs * ppo.num_mini_batches
+        self.prepare_training(policy, ppo, steps, trainable_only=uses_adapter)
         self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
-        for reward in rewards:
+        for reward in self.rewards:
             if hasattr(reward, "to"):
-                reward.to(acc.device)
-
-        self.kl_controller = (
-            AdaptiveKLController(cfg_p.kl_coef, cfg_p.kl_target, cfg_p.kl_horizon)
-            if cfg_p.adaptive_kl
-            else FixedKLController(cfg_p.kl_coef)
-        )
-        # minibatch shuffling: same seed on every rank (same schedule), independent of sampling RNG
-        self.shuffle_generator = torch.Generator().manual_seed(cfg_t.seed)
-        set_seed(cfg_t.seed, device_specific=True)  # ranks sample different responses
+                reward.to(self.accelerator.device)
 
     # ================================================================== setup helpers
     def _stop_token_ids(self) -> list[int]:
@@ -239,14 +237,14 @@ class PPOTrainer(TrainingRun):
     def update_metrics(self, rollout: Rollout, scores: Scores, targets: Targets, stats: dict, start: float) -> dict:
         """This update's metrics: the rollout's over every process, training `stats` and times, held-out
         numbers when due, and what callbacks add. Adapts the KL coefficient to the measured KL."""
-        cfg_t = self.config.train
+        train = self.config.train
         metrics = {**self.rollout_metrics(rollout, scores, targets), **stats}
         if "kl/per_sequence" in metrics:  # the horizon counts samples: the rows of every process
             self.kl_controller.update(metrics["kl/per_sequence"], self.sampler.global_batch * self.config.ppo.num_generations)
         metrics["time/update"] = time.perf_counter() - start
         metrics["time/elapsed"] = time.perf_counter() - self.train_start - self.eval_seconds
         metrics["tokens_per_second"] = metrics["response/tokens"] / metrics["time/update"]
-        if self.due(cfg_t.eval_steps, at_end=True):
+        if self.due(train.eval_steps, at_end=True):
             t0 = time.perf_counter()
             metrics.update(self.evaluate())
             self.eval_seconds += time.perf_counter() - t0
@@ -257,24 +255,19 @@ class PPOTrainer(TrainingRun):
 
     def log_completions_if_due(self, rollout: Rollout, scores: Scores, targets: Targets) -> None:
         """Sample completions every log_completions_steps (multi-turn: every logging_steps unless set)."""
-        cfg_t = self.config.train
-        every = cfg_t.log_completions_steps or (cfg_t.logging_steps if self.environment is not None else 0)
+        train = self.config.train
+        every = train.log_completions_steps or (train.logging_steps if self.environment is not None else 0)
         if every and self.due(every, at_end=False):
             self.log_completions(rollout, scores, targets)
 
     def checkpoint_if_due(self, elapsed: float) -> bool:
         """Save every save_steps updates, at the end, and when max_seconds is spent; returns whether it is."""
-        cfg_t = self.config.train
-        out_of_time = cfg_t.max_seconds is not None and self.global_mean(
-            {"elapsed": torch.tensor(elapsed)})["elapsed"] > cfg_t.max_seconds  # every rank decides the same
-        periodic = cfg_t.save_steps and self.update % cfg_t.save_steps == 0
-        if periodic or self.update == self.num_updates or out_of_time:
+        train = self.config.train
+        out_of_time = train.max_seconds is not None and self.global_mean(
+            {"elapsed": torch.tensor(elapsed)})["elapsed"] > train.max_seconds  # every rank decides the same
+        if self.due(train.save_steps, at_end=True) or out_of_time:
             self.save_checkpoint()
         return out_of_time
-
-    def due(self, every: int, at_end: bool) -> bool:
-        """Whether something done every `every` updates (0: never, or only at the end) is due now."""
-        return bool(every and self.update % every == 0) or (at_end and self.update == self.num_updates)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out numbers under eval/: the config's evaluation set (`llm_rl.evaluation`), then the
@@ -491,10 +484,10 @@ class PPOTrainer(TrainingRun):
 
         Under fp16 a non-finite gradient is what the loss scaler is for: the step is skipped, the scale
         lowered, and the schedule does not advance. Only a non-finite gradient it cannot explain stops the run."""
-        cfg_p, acc = self.config.ppo, self.accelerator
+        ppo, acc = self.config.ppo, self.accelerator
         grad_norm = None
-        if cfg_p.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg_p.max_grad_norm)
+        if ppo.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), ppo.max_grad_norm)
         if grad_norm is not None:  # DeepSpeed may not report it
             grad_norm = torch.as_tensor(grad_norm).float().detach()
             if not torch.isfinite(grad_norm) and not self.loss_scale_may_overflow():
