@@ -191,6 +191,7 @@ def run_ours(a: argparse.Namespace, assets: dict, size: dict) -> dict:
     import torch
     from accelerate import Accelerator
 
+    from llm_rl.callbacks import TrainerCallback
     from llm_rl.config import Config
     from llm_rl.modeling import CausalLMWithValueHead
     from llm_rl.pipeline import load_prompts, load_tokenizer
@@ -227,8 +228,25 @@ def run_ours(a: argparse.Namespace, assets: dict, size: dict) -> dict:
     assert policy.pretrained_model.get_output_embeddings().out_features == size["vocab"] <= tokenizer.eos_token_id
     rewards = [RewardModel.from_pretrained(assets["reward"], torch_dtype=s["dtype"])]
     prompts = load_prompts(config, tokenizer)
+    marks: list[float] = []
+    profiler = make_profiler(a.profile)
+    peak_at_last_update = []
+
+    class UpdateTimer(TrainerCallback):
+        """The wall clock at the end of every update (intervals include everything the loop does)."""
+
+        def on_update_end(self, trainer, metrics):
+            marks.append(time.perf_counter())
+            if len(marks) == total:
+                peak_at_last_update.append(peak_rss_mb())
+                if profiler is not None:
+                    profiler.stop()  # before train() saves the model and plots curves
+            if profiler is not None and len(marks) == a.warmup:
+                profiler.start()
+
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    trainer = PPOTrainer(config, policy, tokenizer, prompts, rewards, accelerator=accelerator)
+    trainer = PPOTrainer(config, policy, tokenizer, prompts, rewards, accelerator=accelerator,
+                         callbacks=[UpdateTimer()])
     reward_module = rewards[0].model
     apply_experiments(trainer, a.experiment)
 
@@ -239,24 +257,6 @@ def run_ours(a: argparse.Namespace, assets: dict, size: dict) -> dict:
         lambda mod, args, kwargs: rm_lengths.append(int((kwargs.get("input_ids") if "input_ids" in kwargs
                                                          else args[0]).shape[1])), with_kwargs=True
     )
-    marks: list[float] = []
-    original_log = trainer.log
-
-    profiler = make_profiler(a.profile)
-
-    peak_at_last_update = []
-
-    def timed_log(metrics, bar):
-        original_log(metrics, bar)
-        marks.append(time.perf_counter())
-        if len(marks) == total:
-            peak_at_last_update.append(peak_rss_mb())
-            if profiler is not None:
-                profiler.stop()  # before train() saves the model and plots curves
-        if profiler is not None and len(marks) == a.warmup:
-            profiler.start()
-
-    trainer.log = timed_log
     touch(trainer.model, trainer.ref_model, reward_module)
     rss_setup = rss_now_mb()
     peak_setup = peak_rss_mb()
