@@ -107,6 +107,8 @@ class CausalLMWithValueHead(nn.Module):
             )
         hidden_size = head.in_features
         self.keeps_logits = accepts_logits_to_keep(lm)  # checked once: the forward's signature does not change
+        fuse_tanh_gelu(lm)
+        self.shares_prompts = can_share_prompts(lm)
         self.v_head: Optional[nn.Linear] = None
         if value_head:
             # fp32 head: values feed a regression loss whose scale differs from the LM's.
@@ -118,17 +120,33 @@ class CausalLMWithValueHead(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, group_size: int = 1
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (batch, n, vocab) predicting the n response tokens after `response_start`, and the
+        values (batch, n) of the states before them (None without a value head).
+
+        `group_size` > 1: the rows come in consecutive groups with the same prompt (num_generations).
+        Every prompt token but the last then goes through the model once per group (`shared_prompt_cache`;
+        its gradient is the sum over the group), and each row's last prompt token and response run on
+        top: the same log-probs, values and gradients (to rounding), fewer tokens through the model."""
         n = input_ids.shape[1] - response_start  # response positions
         lm = unwrap_transformers_model(self.pretrained_model)
         kwargs = {"logits_to_keep": n + 1} if self.keeps_logits else {}
+        position_ids = position_ids_from_mask(attention_mask)
+        # gradient checkpointing turns transformers' cache off in training, which would drop the shared part
+        checkpointing = lm.training and getattr(lm, "is_gradient_checkpointing", False)
+        if group_size > 1 and response_start > 1 and self.shares_prompts and not checkpointing:
+            shared = response_start - 1
+            kwargs["past_key_values"] = shared_prompt_cache(
+                self.pretrained_model, input_ids[:, :shared], attention_mask[:, :shared], group_size
+            )
+            input_ids, position_ids = input_ids[:, shared:], position_ids[:, shared:]
         with reading_lm_head_input(lm, enabled=self.v_head is not None) as head_input:
             logits = self.pretrained_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
+                position_ids=position_ids,
+                use_cache="past_key_values" in kwargs,
                 **kwargs,
             ).logits
         # position t predicts token t+1: keep the positions that predict the response.
@@ -192,6 +210,51 @@ class CausalLMWithValueHead(nn.Module):
         if value_head and head_file is not None:
             model.v_head.load_state_dict(load_file(head_file))
         return model
+
+
+def fuse_tanh_gelu(model: nn.Module) -> int:
+    """Replace transformers' `NewGELUActivation` (GPT-2, GPT-J, CodeGen, ...: `gelu_new`, four elementwise ops
+    and their four backward ops) by `nn.GELU(approximate="tanh")`, the same function in one kernel each way
+    (outputs equal to ~1e-7). Returns how many modules were replaced."""
+    from transformers.activations import NewGELUActivation
+
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+                count += 1
+    return count
+
+
+def can_share_prompts(lm: nn.Module) -> bool:
+    """Whether a group's common prompt can be run once and its keys and values repeated to the group's rows
+    (`shared_prompt_cache`): decoders whose generate uses transformers' DynamicCache, every layer of which
+    can be repeated (not the recurrent state of Mamba-style layers)."""
+    from transformers import DynamicCache
+
+    if not getattr(lm, "_supports_default_dynamic_cache", lambda: False)() or lm.config.is_encoder_decoder:
+        return False
+    return all(hasattr(layer, "batch_repeat_interleave") for layer in DynamicCache(config=lm.config).layers)
+
+
+def shared_prompt_cache(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+    """The KV cache of `prompt_ids` (batch, len), whose rows come in consecutive groups of `group_size` copies
+    of one prompt, computed on one row per group and repeated to every row (differentiably). A forward or
+    `generate` given it runs only the tokens after the prompt. Raises ValueError if a group's rows differ."""
+    from transformers import DynamicCache
+
+    grouped = prompt_ids.view(-1, group_size, prompt_ids.shape[1])
+    if not bool((grouped == grouped[:, :1]).all()):
+        raise ValueError(f"rows in groups of {group_size} must repeat one prompt each to share its forward")
+    ids, mask = prompt_ids[::group_size], prompt_mask[::group_size]
+    lm = unwrap_transformers_model(model)
+    cache = DynamicCache(config=lm.config)
+    kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
+    model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), past_key_values=cache,
+          use_cache=True, **kwargs)
+    cache.batch_repeat_interleave(group_size)
+    return cache
 
 
 def accepts_logits_to_keep(lm: nn.Module) -> bool:

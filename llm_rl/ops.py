@@ -137,20 +137,26 @@ def logprobs_from_logits(
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+ENTROPY_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of entropy_from_logits: 64 MB of float32 temporaries
+
+
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of the categorical ``softmax(logits / T)`` at each position.
 
     logits: ``(batch, len, vocab)`` -> ``(batch, len)``.
     ``H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v`` with z = logits / T;
     this form avoids ``log(p)`` of tiny probabilities. Computed in (at least)
-    float32 one batch row at a time to bound the extra memory to one
-    ``(len, vocab)`` buffer. Logits of ``-inf`` (banned tokens) are supported.
+    float32 a few batch rows at a time (``ENTROPY_CHUNK_ELEMENTS`` logits, at
+    least one row) to bound the extra memory; small logits go in one chunk,
+    so that a batch costs a handful of ops rather than a handful per row.
+    Logits of ``-inf`` (banned tokens) are supported.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dtype = _compute_dtype(logits.dtype)
+    per_row = max(logits[0].numel(), 1) if len(logits) else 1
     rows = []
-    for row in logits:
+    for row in logits.split(max(ENTROPY_CHUNK_ELEMENTS // per_row, 1)):
         z = row.to(dtype)
         if temperature != 1.0:
             z = z / temperature
@@ -159,4 +165,4 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
         # those logits by 0: their probability is exactly 0 anyway.
         z_finite = z.masked_fill(torch.isneginf(z), 0.0)
         rows.append(torch.logsumexp(z, dim=-1) - (probs * z_finite).sum(dim=-1))
-    return torch.stack(rows)
+    return torch.cat(rows) if rows else logits.new_zeros(logits.shape[:-1], dtype=dtype)

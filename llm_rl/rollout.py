@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from llm_rl.modeling import CausalLMWithValueHead
+from llm_rl.modeling import CausalLMWithValueHead, can_share_prompts, shared_prompt_cache
 from llm_rl.ops import logprobs_from_logits
 
 
@@ -165,8 +165,14 @@ def generate_responses(
     pad_token_id: int,
     chunk_size: int,
     do_sample: bool = True,
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample (or decode greedily) with the KV cache in chunks of `chunk_size` prompts.
+
+    `group_size` > 1: the rows come in consecutive groups of `group_size` copies of one prompt
+    (num_generations). Each distinct prompt then goes through the model once: the KV cache of all its
+    tokens but the last is computed for one copy and repeated for the others, and `generate` goes on from
+    there. Same distribution, a 1/group_size share of the prompt's forward cost.
 
     Returns (response_ids, response_mask, ended), trimmed to the longest response.
     """
@@ -174,11 +180,14 @@ def generate_responses(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, do_sample=do_sample,
     )
+    share = group_size > 1 and chunk_size % group_size == 0 and prompt_ids.shape[1] > 1 and can_share_prompts(lm)
     pieces = []
     with generation_settings(lm, config):
         for start in range(0, prompt_ids.shape[0], chunk_size):
             ids, mask = prompt_ids[start : start + chunk_size], prompt_mask[start : start + chunk_size]
-            out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # every prompt token but the last, once per group: generate runs the last one and onwards
+            cache = {"past_key_values": shared_prompt_cache(lm, ids[:, :-1], mask[:, :-1], group_size)} if share else {}
+            out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache)
             response = out[:, ids.shape[1] :]
             # generate stops when every row is done, so chunks can differ in length
             pad = max_new_tokens - response.shape[1]
@@ -202,15 +211,19 @@ def forward_logprobs(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float,
+    group_size: int = 1,
 ):
     """One forward over prompt + response: log-probs of the response tokens and the values.
     `response_mask` is the attention mask of the response region (every real token after the prompt).
+    `group_size` > 1: rows come in consecutive groups of one prompt; it runs once per group
+    (`CausalLMWithValueHead.forward`).
 
     Returns (logprobs (batch, resp_len), values (batch, resp_len) or None, logits).
     """
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    logits, values = model(input_ids, attention_mask, response_start=prompt_ids.shape[1])
+    kwargs = {"group_size": group_size} if group_size > 1 else {}
+    logits, values = model(input_ids, attention_mask, response_start=prompt_ids.shape[1], **kwargs)
     logprobs = logprobs_from_logits(logits, response_ids, temperature)
     return logprobs, values, logits
 
@@ -222,6 +235,7 @@ def logprobs_and_values(
     temperature: float,
     chunk_size: int,
     reference: bool = False,
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """No-grad log-probs (and values) of a rollout's responses in chunks of `chunk_size` rows; 0 off the
     policy's tokens."""
@@ -235,6 +249,7 @@ def logprobs_and_values(
             rollout.response_ids[rows],
             rollout.region_mask[rows],
             temperature,
+            group_size=group_size if chunk_size % group_size == 0 else 1,
         )
         logprobs.append(lp)
         if v is not None and not reference:

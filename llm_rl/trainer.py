@@ -215,7 +215,7 @@ class PPOTrainer(TrainingRun):
                 scores = self.score(rollout)  # 2. rewards -> scores
             with timed(timing, "time/train"):
                 # 3. fused (one epoch over one micro-batch): the training forward, before any step, is the old policy
-                first_forward = self.forward(rollout) if self.fused else None
+                first_forward = self.forward(rollout, grouped=True) if self.fused else None
                 if first_forward is not None:
                     rollout = with_old_policy(rollout, first_forward)
                 targets = self.targets(rollout, scores)  # 4. KL, token rewards, advantages, value targets
@@ -300,7 +300,7 @@ class PPOTrainer(TrainingRun):
             response_ids, response_mask, ended = generate_responses(
                 lm, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                 top_k=sampling.top_k, top_p=sampling.top_p, stop_token_ids=self.stop_token_ids,
-                pad_token_id=self.tokenizer.pad_token_id, chunk_size=self.generation_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id, chunk_size=self.generation_batch_size, group_size=repeat,
             )
         t1 = time.perf_counter()
         rollout = Rollout(
@@ -348,14 +348,15 @@ class PPOTrainer(TrainingRun):
     def old_and_reference_logprobs(self, rollout: Rollout) -> Rollout:
         """The rollout with its reference log-probs (when something reads them) and, unless the update is
         fused (its training forward gives them), the old policy's log-probs and values."""
-        temperature, rows = self.config.sampling.temperature, self.micro_batch_size
+        temperature, rows, group = self.config.sampling.temperature, self.micro_batch_size, self.prompt_group_size
         logprobs = values = ref_logprobs = None
         with self.accelerator.autocast():
             if not self.fused:  # through the prepared model: FSDP/ZeRO-3 gather their shards per layer
-                logprobs, values = logprobs_and_values(self.model, rollout, temperature, rows)
+                logprobs, values = logprobs_and_values(self.model, rollout, temperature, rows, group_size=group)
             if self.uses_reference:
                 with self.reference() as reference:
-                    ref_logprobs, _ = logprobs_and_values(reference, rollout, temperature, rows, reference=True)
+                    ref_logprobs, _ = logprobs_and_values(reference, rollout, temperature, rows, reference=True,
+                                                          group_size=group)
         return dataclasses.replace(rollout, logprobs=logprobs, values=values, ref_logprobs=ref_logprobs)
 
     @contextlib.contextmanager
@@ -512,12 +513,22 @@ class PPOTrainer(TrainingRun):
             return acc.scaler.get_scale() > 1.0
         return acc.distributed_type == DistributedType.DEEPSPEED and acc.mixed_precision == "fp16"  # its own scaler
 
-    def forward(self, batch: Rollout):
-        """Training forward (with grad): log-probs (batch, resp_len), values or None, logits."""
+    def forward(self, batch: Rollout, grouped: bool = False):
+        """Training forward (with grad): log-probs (batch, resp_len), values or None, logits.
+        `grouped`: the rows are a whole rollout's in order, each prompt's completions together, so each
+        prompt runs once (`CausalLMWithValueHead.forward(group_size=...)`)."""
         return forward_logprobs(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.region_mask,
-            self.config.sampling.temperature,
+            self.config.sampling.temperature, group_size=self.prompt_group_size if grouped else 1,
         )
+
+    @property
+    def prompt_group_size(self) -> int:
+        """Consecutive rows of a rollout whose prompt runs once: num_generations. 1 for multi-turn (an
+        episode's first observation may differ between the copies of a row) and under FSDP / DeepSpeed
+        (sharded models run the extra prompt forward untested)."""
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.config.ppo.num_generations if self.environment is None and not sharded else 1
 
     def loss_and_backward(self, rollout: Rollout, targets: Targets, forward: tuple, normalizer) -> dict[str, torch.Tensor]:
         """The PPO loss of a micro-batch from its training `forward` (log-probs, values, logits), and its

@@ -173,3 +173,46 @@ def test_dropout_in_config_floats_is_off(checkpoint):
     assert not torch.equal(first, second), "the config's dropout at 0.1 should make training mode random"
     disable_dropout(raw)
     assert torch.equal(raw(input_ids=ids, attention_mask=mask).logits, raw(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_a_groups_prompt_runs_once_with_the_same_samples_logprobs_values_and_gradients(checkpoint):
+    """num_generations rows per prompt: each prompt's forward runs once and its keys and values are repeated
+    to the group (`shared_prompt_cache`), in generation and in the training forward. Left-padded prompts of
+    different lengths, right-padded responses: the same samples, log-probs, values and gradients."""
+    tokenizer = load_tokenizer(str(checkpoint))
+    policy = CausalLMWithValueHead.from_pretrained(str(checkpoint))
+    disable_dropout(policy)
+    # Mamba-style layers keep a recurrent state that transformers' cache cannot repeat: those run each row
+    assert policy.shares_prompts == (policy.config.model_type not in ("granitemoehybrid",))
+    group = 3
+    prompt_ids, prompt_mask = (t.repeat_interleave(group, 0) for t in prompt_batch(tokenizer, PROMPTS[:2]))
+    lm = policy.pretrained_model.eval()
+    sampled = []
+    for group_size in (1, group):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            sampled.append(generate_responses(
+                lm, prompt_ids, prompt_mask, max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0,
+                stop_token_ids=[1], pad_token_id=0, chunk_size=6, group_size=group_size,
+            ))
+    for plain, shared in zip(*sampled):
+        assert torch.equal(plain, shared)
+
+    response_ids = torch.randint(3, 13, (6, 4), generator=torch.Generator().manual_seed(0))
+    response_mask = (torch.arange(4)[None, :] < torch.tensor([4, 2, 3, 1, 4, 3])[:, None]).long()
+    valid = response_mask.bool()
+    policy.train()
+    results = []
+    for group_size in (1, group):
+        policy.zero_grad()
+        logprobs, values, _ = forward_logprobs(policy, prompt_ids, prompt_mask, response_ids, response_mask, 0.7,
+                                               group_size=group_size)
+        (logprobs[valid].sum() + values[valid].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        results.append((logprobs.detach()[valid], values.detach()[valid], grads))
+    (lp1, v1, g1), (lp2, v2, g2) = results
+    torch.testing.assert_close(lp2, lp1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v2, v1, atol=1e-5, rtol=0)
+    assert set(g1) == set(g2)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -83,11 +83,25 @@ def test_save_pretrained_writes_safetensors_loadable_as_plain_lm(tiny_lm, tmp_pa
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))], files
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in reloaded.state_dict().items())
     ids, mask, _ = batch_of_prompts_and_responses()
-    assert torch.equal(
-        reloaded(input_ids=ids, attention_mask=mask).logits, tiny_lm(input_ids=ids, attention_mask=mask).logits
-    )
+    # the wrapped model runs GPT-2's gelu_new as one kernel (fuse_tanh_gelu): the same function to rounding
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
+                               tiny_lm(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
     assert not any(k.startswith("v_head") for k in reloaded.state_dict())
+
+
+def test_tanh_gelu_is_fused_into_one_kernel_with_the_same_values():
+    from transformers.activations import NewGELUActivation
+
+    from llm_rl.modeling import fuse_tanh_gelu
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), NewGELUActivation(), torch.nn.Sequential(NewGELUActivation()))
+    x = torch.linspace(-6, 6, 97)[:, None].expand(97, 4)
+    before = model(x)
+    assert fuse_tanh_gelu(model) == 2
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()

@@ -213,3 +213,14 @@ def test_masked_whiten_with_statistics_summed_over_processes():
     assert not torch.allclose(masked_whiten(x[:3], mask[:3]), whole[:3], atol=1e-3)
     # and the summed path agrees with the two-pass one on a single process
     torch.testing.assert_close(masked_whiten(x, mask, reduce=lambda t: t), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_entropy_in_chunks_equals_one_chunk(monkeypatch):
+    import llm_rl.ops as ops
+
+    logits = torch.randn(7, 5, 11, generator=torch.Generator().manual_seed(0))
+    logits[2, 3, 4] = -float("inf")  # a banned token
+    whole = ops.entropy_from_logits(logits, temperature=0.7)
+    monkeypatch.setattr(ops, "ENTROPY_CHUNK_ELEMENTS", 2 * 5 * 11)  # two rows per chunk: 4 chunks
+    torch.testing.assert_close(ops.entropy_from_logits(logits, temperature=0.7), whole, atol=1e-6, rtol=0)
+    assert whole.shape == (7, 5) and torch.isfinite(whole).all()

@@ -154,12 +154,15 @@ def test_ratio_warning_when_rollout_and_training_temperatures_differ(assets, tmp
         run_ppo(config)
 
 
-def test_fused_update_matches_the_plain_path(assets, tmp_path):
+@pytest.mark.parametrize("num_generations", [1, 3])
+def test_fused_update_matches_the_plain_path(assets, tmp_path, num_generations):
     """One epoch over one micro-batch reuses the training forward as the old policy: same result as
-    taking the old log-probs and values in a separate no-grad forward."""
+    taking the old log-probs and values in a separate no-grad forward. With num_generations > 1 the fused
+    forward runs each prompt once for its group (shared_prompt_cache); the plain one runs every row."""
     results = []
     for fused in (True, False):
-        config = make_config(assets, tmp_path / f"run-{fused}", max_updates=2, seed=3)
+        config = make_config(assets, tmp_path / f"run-{fused}", max_updates=2, seed=3,
+                             num_generations=num_generations)
         tokenizer = load_tokenizer(str(assets.model_dir))
         from llm_rl.pipeline import load_prompts, load_rewards
 
