@@ -248,7 +248,6 @@ def run_ours(a: argparse.Namespace, assets: dict, size: dict) -> dict:
     trainer = PPOTrainer(config, policy, tokenizer, prompts, rewards, accelerator=accelerator,
                          callbacks=[UpdateTimer()])
     reward_module = rewards[0].model
-    apply_experiments(trainer, a.experiment)
 
     # sequence lengths the reward model scores: hooked on its backbone, which every scoring path runs
     rm_lengths: list[int] = []
@@ -305,123 +304,6 @@ def run_ours(a: argparse.Namespace, assets: dict, size: dict) -> dict:
     if profiler is not None:
         result["profile"] = profiler.report(a.profile_top)
     return result
-
-
-def apply_experiments(trainer, names: list[str]) -> None:
-    """Local monkeypatches (inside this process only) to measure candidate optimisations of llm_rl."""
-    for name in names or []:
-        EXPERIMENTS[name](trainer)
-
-
-def _exp_no_tokenizer_roundtrip(trainer) -> None:
-    """Score with the reward model on the policy's token ids (same tokenizer) instead of decode + re-tokenize."""
-    import torch
-
-    from llm_rl.modeling import position_ids_from_mask
-
-    reward = trainer.rewards[0]
-    captured = {}
-    original_rollout = trainer.rollout
-
-    def rollout(batch, *args, **kwargs):
-        r, timing = original_rollout(batch, *args, **kwargs)
-        captured["r"] = r
-        return r, timing
-
-    model = reward.model
-    backbone = getattr(model, model.base_model_prefix)
-
-    @torch.no_grad()
-    def call(prompts, completions, **_):
-        r = captured["r"]
-        ids, mask = r.input_ids, r.attention_mask  # left-padded prompt + response, in the policy's vocabulary
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                          use_cache=False).last_hidden_state
-        last = (torch.arange(mask.shape[1]) * mask.long()).argmax(dim=1)  # rightmost real token
-        return model.score(hidden[torch.arange(ids.shape[0]), last])[:, 0].float().tolist()
-
-    trainer.rollout = rollout
-    trainer.rewards[0] = _Callable(call, getattr(reward, "__reward_name__", "reward_model"))
-
-
-class _Callable:
-    def __init__(self, fn, name):
-        self.fn, self.__reward_name__ = fn, name
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
-def _exp_static_cache_sampler(trainer) -> None:
-    """Replace `model.generate` in the rollout with a lean sampling loop over HF's DynamicCache."""
-    import llm_rl.rollout as rollout_mod
-    import llm_rl.trainer as trainer_mod
-
-    def generate_responses(lm, prompt_ids, prompt_mask, *, max_new_tokens, temperature, top_k, top_p,
-                           stop_token_ids, pad_token_id, chunk_size, do_sample=True):
-        assert top_k == 0 and top_p == 1.0 and do_sample
-        response = lean_sample(lm, prompt_ids, prompt_mask, max_new_tokens, temperature)
-        ids, mask, ended = rollout_mod.truncate_after_stop(response, stop_token_ids, pad_token_id)
-        longest = max(int(mask.sum(dim=1).max()), 1)
-        return ids[:, :longest], mask[:, :longest], ended
-
-    trainer_mod.generate_responses = generate_responses
-
-
-def lean_sample(lm, prompt_ids, prompt_mask, max_new_tokens, temperature):
-    """Ancestral sampling with the KV cache, no logits processors or stopping criteria (fixed length)."""
-    import torch
-    from transformers import DynamicCache
-
-    from llm_rl.modeling import position_ids_from_mask
-
-    with torch.no_grad():
-        cache = DynamicCache(config=lm.config)
-        mask = prompt_mask.clone()
-        pos = position_ids_from_mask(mask)
-        out = lm(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1)
-        last_pos = pos[:, -1:]
-        tokens = []
-        ones = torch.ones_like(mask[:, :1])
-        for step in range(max_new_tokens):
-            probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1)
-            tokens.append(nxt)
-            if step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, ones], dim=1)
-            last_pos = last_pos + 1
-            out = lm(input_ids=nxt, attention_mask=mask, position_ids=last_pos, past_key_values=out.past_key_values,
-                     use_cache=True)
-        return torch.cat(tokens, dim=1)
-
-
-def _exp_fused_gelu(trainer) -> None:
-    """GPT-2's `gelu_new` is 4 Python-level ops (pow, mul, add, tanh); nn.GELU(approximate='tanh') is the same
-    function in one kernel (outputs equal to ~1e-7). Swap it in the policy, the reference and the reward model."""
-    import torch
-    from transformers.activations import NewGELUActivation
-
-    def swap(module):
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
-            else:
-                swap(child)
-
-    models = [trainer.accelerator.unwrap_model(trainer.model), trainer.ref_model]
-    models += [r.model for r in trainer.rewards if hasattr(r, "model")]
-    for m in models:
-        if m is not None:
-            swap(m)
-
-
-EXPERIMENTS = {
-    "rm_on_token_ids": _exp_no_tokenizer_roundtrip,
-    "lean_sampler": _exp_static_cache_sampler,
-    "fused_gelu": _exp_fused_gelu,
-}
 
 
 class make_profiler:  # noqa: N801 - a small factory class
@@ -728,11 +610,8 @@ def spawn(side: str, a: argparse.Namespace, assets_file: Path, round_: int) -> d
         cmd.append("--tiny")
     if a.threads:
         cmd += ["--threads", str(a.threads)]
-    if a.profile and a.profile_side == side.replace("exp", "ours"):
+    if a.profile and a.profile_side == side:
         cmd += ["--profile", a.profile, "--profile_side", side]
-    if side == "exp":
-        for name in a.experiment or []:
-            cmd += ["--experiment", name]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=quiet_env(), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -751,7 +630,7 @@ def worker_main(a: argparse.Namespace) -> None:
     assets = json.loads(Path(a._assets).read_text())
     size = assets["size"]
     a.round = a._round
-    fn = {"ours": run_ours, "exp": run_ours, "trl": run_trl, "floor": run_floor}[a._worker]
+    fn = {"ours": run_ours, "trl": run_trl, "floor": run_floor}[a._worker]
     result = fn(a, assets, size)
     Path(a._result).write_text(json.dumps(result))
 
@@ -830,16 +709,6 @@ def print_table(summary: dict, settings: dict, meta: dict) -> None:
     print(row("peak - RSS after setup (MB)", f"{ours['peak_growth_mb']:.0f}",
               f"{trl['peak_growth_mb']:.0f}" if trl else "",
               f"{ours['peak_growth_mb'] / trl['peak_growth_mb']:.2f} o/t" if trl and trl["peak_growth_mb"] > 0 else ""))
-    if "exp" in summary:
-        e = summary["exp"]
-        print()
-        print(f"experiment {'+'.join(settings['experiments'])} (monkeypatched llm_rl, same rounds):")
-        print(row("", "llm_rl", "patched", "patched/llm_rl"))
-        for label, key in [("  update", None), ("  generation", "generate"), ("  time/forward", "forward"),
-                           ("  time/reward", "reward"), ("  time/train", "train")]:
-            o = ours["seconds"] if key is None else ours["phases"][key]
-            x = e["seconds"] if key is None else e["phases"][key]
-            print(row(label, f"{o:.3f}", f"{x:.3f}", f"{x / o:.3f}" if o else ""))
     if "floor" in summary:
         f = summary["floor"]
         print()
@@ -873,11 +742,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile", choices=["cprofile", "torch"], default=None, help="profile the timed updates")
     p.add_argument("--profile_side", choices=["ours", "trl"], default="ours")
     p.add_argument("--profile_top", type=int, default=30)
-    p.add_argument("--experiment", action="append", choices=sorted(EXPERIMENTS),
-                   help="also run llm_rl with this local monkeypatch (side 'exp', interleaved with the unpatched "
-                        "'ours' in every round) to measure a candidate optimisation; repeatable")
     p.add_argument("--workdir", default=None, help="folder for models, data and outputs (default: a temp folder)")
-    p.add_argument("--_worker", choices=["ours", "exp", "trl", "floor"], help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=["ours", "trl", "floor"], help=argparse.SUPPRESS)
     p.add_argument("--_assets", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     p.add_argument("--_round", type=int, default=0, help=argparse.SUPPRESS)
@@ -908,7 +774,7 @@ def main(argv=None) -> None:
     assets_file = Path(a.workdir) / "assets.json"
     assets_file.write_text(json.dumps(assets))
 
-    sides = ["ours"] + (["exp"] if a.experiment else []) + (["trl"] if a.compare else []) + (["floor"] if a.floor else [])
+    sides = ["ours"] + (["trl"] if a.compare else []) + (["floor"] if a.floor else [])
     results: dict[str, list[dict]] = {s: [] for s in sides}
     for round_ in range(a.rounds):
         order = sides if round_ % 2 == 0 else sides[::-1]  # alternate who runs first
@@ -924,7 +790,6 @@ def main(argv=None) -> None:
         "prompt_len": size["prompt_len"], "max_new_tokens": size["max_new_tokens"], "updates": a.updates,
         "warmup": a.warmup, "rounds": a.rounds, "threads": summary["ours"]["threads"],
         **{k: v for k, v in PPO_SETTINGS.items()},
-        "experiments": a.experiment or [],  # applied to side "exp" only
     }
     meta = {"size": size_name, "policy_params": assets["policy_params"], "reward_params": assets["reward_params"],
             "rounds": a.rounds, "load_before": f"{load_before:.2f}", "load_after": f"{load_after:.2f}"}
@@ -961,10 +826,6 @@ def main(argv=None) -> None:
             "trl_phases": t["phases"],
             "trl_per_round_median": t["per_round_median"],
         })
-    if "exp" in summary:
-        record.update({"experiment_seconds_per_update": summary["exp"]["seconds"],
-                       "experiment_over_ours": summary["exp"]["seconds"] / ours["seconds"],
-                       "experiment_phases": summary["exp"]["phases"]})
     if "floor" in summary:
         f = summary["floor"]
         record.update({"floor_seconds": f["seconds"], "floor_passes": f["passes"],
