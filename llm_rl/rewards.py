@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from llm_rl.config import UserError
-from llm_rl.modeling import DTYPES
+from llm_rl.modeling import DTYPES, fuse_tanh_gelu
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -189,6 +189,7 @@ class RewardModel:
                 raise RewardError("the tokenizer has no pad, eos or unk token to pad batches with; set pad_token")
             tokenizer.pad_token = fill
         tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+        fuse_tanh_gelu(model)  # the same function in one kernel (GPT-2-style models)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.__reward_name__ = Path(getattr(model.config, "_name_or_path", None) or "reward_model").name

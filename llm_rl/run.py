@@ -102,7 +102,10 @@ class TrainingRun:
         from transformers import get_scheduler
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+        # fused: one kernel for every tensor's update (CPU and GPU; 4 ms instead of 18 for 3.7M weights on CPU).
+        # Not with fp16's loss scaler, whose skipped steps accelerate detects on the unfused optimizer only.
+        fused = self.accelerator.mixed_precision != "fp16"
+        optimizer = torch.optim.AdamW(trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay, fused=fused)
         schedule = "constant_with_warmup" if optim.lr_scheduler_type == "constant" else optim.lr_scheduler_type
         scheduler = get_scheduler(schedule, optimizer, optim.warmup_steps, total_steps)
         acc = self.accelerator
