@@ -34,9 +34,18 @@ import time
 from pathlib import Path
 
 try:  # run as `python benchmarks/grpo_update.py` (script folder on sys.path) or imported as benchmarks.grpo_update
-    from benchmarks.ppo_update import peak_rss_mb, quiet_env, rss_now_mb, silence, touch
+    from benchmarks.ppo_update import (
+        peak_rss_mb,
+        quiet_env,
+        rss_now_mb,
+        run_worker,
+        set_threads,
+        silence,
+        touch,
+        versions,
+    )
 except ImportError:
-    from ppo_update import peak_rss_mb, quiet_env, rss_now_mb, silence, touch
+    from ppo_update import peak_rss_mb, quiet_env, rss_now_mb, run_worker, set_threads, silence, touch, versions
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -316,21 +325,11 @@ def spawn(side: str, tokens: int, a: argparse.Namespace, assets_file: Path, roun
            "--_result", str(result_file), "--_round", str(round_), "--_tokens", str(tokens),
            "--updates", str(a.updates), "--warmup", str(a.warmup), "--workdir", a.workdir,
            "--threads", str(a.threads), "--trl-optim", a.trl_optim]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=quiet_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-20000:])
-        raise SystemExit(f"the {side} worker ({tokens} tokens) failed (exit {proc.returncode})")
-    result = json.loads(result_file.read_text())
-    result["wall_seconds"] = time.perf_counter() - t0
-    return result
+    return run_worker(cmd, result_file, f"the {side} worker ({tokens} tokens)")
 
 
 def worker_main(a: argparse.Namespace) -> None:
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     assets = json.loads(Path(a._assets).read_text())
     result = {"ours": run_ours, "trl": run_trl}[a._worker](a, assets)
     Path(a._result).write_text(json.dumps(result))
@@ -502,7 +501,7 @@ def main(argv=None) -> None:
             record.setdefault("trl_over_ours", {})[label(n)] = ratio
         record[label(n)] = entry
     record.update({"load_average": {"before": load_before, "after": load_after}, "python": platform.python_version(),
-                   "versions": versions(), "trl_version": trl_version})
+                   "versions": versions(("torch", "transformers", "accelerate")), "trl_version": trl_version})
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(record, default=str))
@@ -510,18 +509,6 @@ def main(argv=None) -> None:
 
 def label(tokens: int) -> str:
     return "short" if tokens <= 8 else "long" if tokens == 48 else f"tokens_{tokens}"
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

@@ -612,21 +612,32 @@ def spawn(side: str, a: argparse.Namespace, assets_file: Path, round_: int) -> d
         cmd += ["--threads", str(a.threads)]
     if a.profile and a.profile_side == side:
         cmd += ["--profile", a.profile, "--profile_side", side]
+    return run_worker(cmd, result_file, f"the {side} worker")
+
+
+def run_worker(cmd: list[str], result_file: Path, what: str) -> dict:
+    """Run one side's worker process (`cmd`), which writes its result JSON to `result_file`; that result,
+    with the wall time of the whole process added. Shared with grpo_update.py."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=quiet_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-20000:])
-        raise SystemExit(f"the {side} worker failed (exit {proc.returncode})")
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
     result = json.loads(result_file.read_text())
     result["wall_seconds"] = time.perf_counter() - t0
     return result
 
 
-def worker_main(a: argparse.Namespace) -> None:
-    if a.threads:
+def set_threads(threads: int) -> None:
+    """torch.set_num_threads in a worker (0: torch's default)."""
+    if threads:
         import torch
 
-        torch.set_num_threads(a.threads)
+        torch.set_num_threads(threads)
+
+
+def worker_main(a: argparse.Namespace) -> None:
+    set_threads(a.threads)
     assets = json.loads(Path(a._assets).read_text())
     size = assets["size"]
     a.round = a._round
@@ -846,11 +857,12 @@ def main(argv=None) -> None:
     print(json.dumps(record, default=str))
 
 
-def versions() -> dict:
+def versions(names=("torch", "transformers", "accelerate", "trl")) -> dict:
+    """Installed versions of `names` (those installed). Shared with grpo_update.py."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "transformers", "accelerate", "trl"):
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
