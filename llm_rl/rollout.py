@@ -222,8 +222,7 @@ def forward_logprobs(
     """
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    kwargs = {"group_size": group_size} if group_size > 1 else {}
-    logits, values = model(input_ids, attention_mask, response_start=prompt_ids.shape[1], **kwargs)
+    logits, values = model(input_ids, attention_mask, response_start=prompt_ids.shape[1], group_size=group_size)
     logprobs = logprobs_from_logits(logits, response_ids, temperature)
     return logprobs, values, logits
 

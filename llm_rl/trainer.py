@@ -214,9 +214,9 @@ class PPOTrainer(TrainingRun):
             with timed(timing, "time/reward"):
                 scores = self.score(rollout)  # 2. rewards -> scores
             with timed(timing, "time/train"):
-                # 3. fused (one epoch over one micro-batch): the training forward, before any step, is the old policy
-                first_forward = self.forward(rollout, grouped=True) if self.fused else None
-                if first_forward is not None:
+                first_forward = None
+                if self.fused:  # 3. one epoch over one micro-batch: the training forward, before any step, is the old policy
+                    first_forward = self.forward(rollout, grouped=True)
                     rollout = with_old_policy(rollout, first_forward)
                 targets = self.targets(rollout, scores)  # 4. KL, token rewards, advantages, value targets
                 train_stats = self.optimize(rollout, targets, first_forward)  # 5. the PPO epochs
@@ -300,7 +300,8 @@ class PPOTrainer(TrainingRun):
             response_ids, response_mask, ended = generate_responses(
                 lm, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                 top_k=sampling.top_k, top_p=sampling.top_p, stop_token_ids=self.stop_token_ids,
-                pad_token_id=self.tokenizer.pad_token_id, chunk_size=self.generation_batch_size, group_size=repeat,
+                pad_token_id=self.tokenizer.pad_token_id, chunk_size=self.generation_batch_size,
+                group_size=self.prompt_group_size,
             )
         t1 = time.perf_counter()
         rollout = Rollout(
