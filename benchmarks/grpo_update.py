@@ -29,23 +29,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 try:  # run as `python benchmarks/grpo_update.py` (script folder on sys.path) or imported as benchmarks.grpo_update
-    from benchmarks.ppo_update import (
-        peak_rss_mb,
-        quiet_env,
-        rss_now_mb,
-        run_worker,
-        set_threads,
-        silence,
-        touch,
-        versions,
-    )
+    from benchmarks import ppo_update as shared
 except ImportError:
-    from ppo_update import peak_rss_mb, quiet_env, rss_now_mb, run_worker, set_threads, silence, touch, versions
+    import ppo_update as shared  # the timing, memory and worker helpers both benchmarks use
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -88,7 +78,7 @@ class Reward:
         self.peak_mb: list[float] = []
 
     def __call__(self, prompts, completions, answer, **_):
-        self.peak_mb.append(peak_rss_mb())
+        self.peak_mb.append(shared.peak_rss_mb())
         return char_match(prompts, completions, answer)
 
 
@@ -155,7 +145,7 @@ def build_assets(root: Path, seed: int) -> dict:
 
 # ---------------------------------------------------------------------------------- ours
 def run_ours(a: argparse.Namespace, assets: dict) -> dict:
-    silence()
+    shared.silence()
     import torch
     from accelerate import Accelerator
 
@@ -189,8 +179,8 @@ def run_ours(a: argparse.Namespace, assets: dict) -> dict:
     reward = Reward()
     trainer = PPOTrainer(config, policy, tokenizer, load_prompts(config, tokenizer), [reward],
                          accelerator=Accelerator(cpu=True, mixed_precision="no"))
-    touch(trainer.model, trainer.ref_model)
-    rss_setup = rss_now_mb()
+    shared.touch(trainer.model, trainer.ref_model)
+    rss_setup = shared.rss_now_mb()
     gc_log = GcLog()
     t_start = time.perf_counter()
     history = trainer.train()
@@ -222,7 +212,7 @@ def run_ours(a: argparse.Namespace, assets: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- TRL 1.16
 def run_trl(a: argparse.Namespace, assets: dict) -> dict:
-    silence()
+    shared.silence()
     import datasets
     import torch
     import trl
@@ -290,8 +280,8 @@ def run_trl(a: argparse.Namespace, assets: dict) -> dict:
     observe("_generate_and_score_completions", "rollout")  # tokenize, generate, decode, rewards, advantages
     observe("_generate_single_turn", "generate")  # model.generate and the EOS mask
     observe("_calculate_rewards", "reward")
-    touch(trainer.model)
-    rss_setup = rss_now_mb()
+    shared.touch(trainer.model)
+    rss_setup = shared.rss_now_mb()
     gc_log = GcLog()
     t_start = time.perf_counter()
     trainer.train()
@@ -325,11 +315,11 @@ def spawn(side: str, tokens: int, a: argparse.Namespace, assets_file: Path, roun
            "--_result", str(result_file), "--_round", str(round_), "--_tokens", str(tokens),
            "--updates", str(a.updates), "--warmup", str(a.warmup), "--workdir", a.workdir,
            "--threads", str(a.threads), "--trl-optim", a.trl_optim]
-    return run_worker(cmd, result_file, f"the {side} worker ({tokens} tokens)")
+    return shared.run_worker(cmd, result_file, f"the {side} worker ({tokens} tokens)")
 
 
 def worker_main(a: argparse.Namespace) -> None:
-    set_threads(a.threads)
+    shared.set_threads(a.threads)
     assets = json.loads(Path(a._assets).read_text())
     result = {"ours": run_ours, "trl": run_trl}[a._worker](a, assets)
     Path(a._result).write_text(json.dumps(result))
@@ -337,7 +327,7 @@ def worker_main(a: argparse.Namespace) -> None:
 
 def check_trl_python(python: str) -> str:
     probe = "import trl, psutil; print(trl.__version__)"
-    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=quiet_env())
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=shared.quiet_env())
     version = proc.stdout.strip()
     if proc.returncode != 0 or not version.startswith(TRL_VERSION):
         found = f"trl {version}" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -453,13 +443,7 @@ def main(argv=None) -> None:
         p.error(f"--tokens: at most {MODEL['n_positions'] - 8} (the model's positions)")
     trl_version = check_trl_python(a.trl_python) if "trl" in a.sides else None
 
-    tmp = None
-    if a.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="grpo_bench_")
-        a.workdir = tmp.name
-    Path(a.workdir).mkdir(parents=True, exist_ok=True)
-    os.environ.update({k: v for k, v in quiet_env().items() if k != "PYTHONPATH"})
-    silence()
+    tmp = shared.open_workdir(a, "grpo_bench_")
     load_before = os.getloadavg()
     assets = build_assets(Path(a.workdir) / "assets", SETTINGS["seed"])
     assets_file = Path(a.workdir) / "assets.json"
@@ -501,7 +485,7 @@ def main(argv=None) -> None:
             record.setdefault("trl_over_ours", {})[label(n)] = ratio
         record[label(n)] = entry
     record.update({"load_average": {"before": load_before, "after": load_after}, "python": platform.python_version(),
-                   "versions": versions(("torch", "transformers", "accelerate")), "trl_version": trl_version})
+                   "versions": shared.versions(("torch", "transformers", "accelerate")), "trl_version": trl_version})
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(record, default=str))

@@ -628,6 +628,19 @@ def run_worker(cmd: list[str], result_file: Path, what: str) -> dict:
     return result
 
 
+def open_workdir(a: argparse.Namespace, prefix: str):
+    """The driver's working folder: `a.workdir`, or a new temporary one (returned, to clean up at the
+    end; None otherwise). Also quiets the libraries' output in this process and the workers'."""
+    tmp = None
+    if a.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        a.workdir = tmp.name
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    os.environ.update({k: v for k, v in quiet_env().items() if k != "PYTHONPATH"})
+    silence()
+    return tmp
+
+
 def set_threads(threads: int) -> None:
     """torch.set_num_threads in a worker (0: torch's default)."""
     if threads:
@@ -772,13 +785,7 @@ def main(argv=None) -> None:
 
     size_name = "tiny" if a.tiny else a.size
     size = SIZES[size_name]
-    tmp = None
-    if a.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ppo_bench_")
-        a.workdir = tmp.name
-    Path(a.workdir).mkdir(parents=True, exist_ok=True)
-    os.environ.update({k: v for k, v in quiet_env().items() if k != "PYTHONPATH"})
-    silence()
+    tmp = open_workdir(a, "ppo_bench_")
     load_before = os.getloadavg()[0]
     assets = build_assets(Path(a.workdir) / "assets", size, PPO_SETTINGS["seed"])
     assets["size"] = size
