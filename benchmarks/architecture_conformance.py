@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_architectures import ARCHITECTURES, PROMPTS, save_tiny_checkpoint  # noqa: E402
 
-from llm_rl.modeling import CausalLMWithValueHead, disable_dropout  # noqa: E402
-from llm_rl.rollout import forward_logprobs, generate_responses  # noqa: E402
-from llm_rl.tasks.arithmetic import build_tokenizer  # noqa: E402
+from llm_rl.models.forward import forward_logprobs  # noqa: E402
+from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout  # noqa: E402
+from llm_rl.sampling.hf import generate_responses
+from llm_rl.tasks.dialogue import build_tokenizer  # noqa: E402
 
 
 def measure(model_type: str, folder: Path, temperature: float) -> dict:

@@ -37,8 +37,9 @@ def train_addition_reward_model(output_dir: Path, tokenizer_dir: Path, train, he
     sums) built from this seed's training problems only, evaluated on pairs of its held-out problems."""
     import datasets
 
-    from llm_rl.reward_training import RewardTrainingConfig, train_reward_model
+    from llm_rl.config.reward_training import RewardTrainingConfig
     from llm_rl.tasks import addition_preferences, arithmetic
+    from llm_rl.training.reward_trainer import train_reward_model
 
     rm_dir = output_dir / "reward_model"
     if not (rm_dir / "config.json").is_file():
@@ -70,11 +71,13 @@ def run_one(estimator: str, seed: int, warm_dir: Path, data_file: Path, heldout,
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from llm_rl.callbacks import Evaluate
-    from llm_rl.config import Config
-    from llm_rl.demo import DEMO_CONFIG, evaluate
-    from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
-    from llm_rl.trainer import PPOTrainer
+    from llm_rl.config.sections import Config
+    from llm_rl.data.prompts import load_prompts
+    from llm_rl.demos.addition import DEMO_CONFIG, evaluate
+    from llm_rl.models.loading import load_policy, load_tokenizer
+    from llm_rl.rewards.loading import load_rewards
+    from llm_rl.training.callbacks import Evaluate
+    from llm_rl.training.ppo_trainer import PPOTrainer
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -116,8 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warm_start_steps", type=int, default=600)
     args = parser.parse_args(argv)
 
-    from llm_rl.demo import build_warm_start, evaluate, quiet_libraries
-    from llm_rl.modeling import CausalLMWithValueHead
+    from llm_rl.demos.addition import build_warm_start, evaluate, quiet_libraries
+    from llm_rl.models.value_head import CausalLMWithValueHead
     from llm_rl.tasks import arithmetic
 
     quiet_libraries()
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
         train, heldout = arithmetic.make_splits(2, 10**4 - 500, 500, seed=seed)
         warm_dir, data_file = seed_dir / "warm_start", arithmetic.write_jsonl(train, seed_dir / "train.jsonl")
         build_warm_start(train, args.warm_start_steps, seed, warm_dir)
-        from llm_rl.pipeline import load_tokenizer
+        from llm_rl.models.loading import load_tokenizer
 
         start_policy = CausalLMWithValueHead.from_pretrained(str(warm_dir), value_head=False)
         before = evaluate(start_policy, start_policy, load_tokenizer(str(warm_dir)), heldout)

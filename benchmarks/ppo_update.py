@@ -191,12 +191,13 @@ def run_ours(a: argparse.Namespace, assets: dict, size: dict) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from llm_rl.callbacks import TrainerCallback
-    from llm_rl.config import Config
-    from llm_rl.modeling import CausalLMWithValueHead
-    from llm_rl.pipeline import load_prompts, load_tokenizer
-    from llm_rl.rewards import RewardModel
-    from llm_rl.trainer import PPOTrainer
+    from llm_rl.config.sections import Config
+    from llm_rl.data.prompts import load_prompts
+    from llm_rl.models.loading import load_tokenizer
+    from llm_rl.models.value_head import CausalLMWithValueHead
+    from llm_rl.rewards.model import RewardModel
+    from llm_rl.training.callbacks import TrainerCallback
+    from llm_rl.training.ppo_trainer import PPOTrainer
 
     s = PPO_SETTINGS
     total = a.warmup + a.updates

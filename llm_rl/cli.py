@@ -19,8 +19,11 @@ import argparse
 import os
 import sys
 
-import llm_rl
-from llm_rl.config import Config, ConfigError, UserError, format_help, split_config_arg
+from llm_rl.config.errors import ConfigError, UserError
+from llm_rl.config.loading import split_config_arg
+from llm_rl.config.reward_training import format_help
+from llm_rl.config.sections import Config
+from llm_rl.version import __version__
 
 
 def ppo_main(argv: list[str]) -> int:
@@ -28,7 +31,7 @@ def ppo_main(argv: list[str]) -> int:
         print("usage: llm-rl ppo --config FILE.yaml [--key value ...]\n\nkeys:" + format_help())
         return 0
     config_path, argv = split_config_arg(argv)
-    from llm_rl.pipeline import run_ppo
+    from llm_rl.training.pipeline import run_ppo
 
     config = Config.from_yaml(config_path, argv)
     run_ppo(config)
@@ -36,7 +39,7 @@ def ppo_main(argv: list[str]) -> int:
 
 
 def demo_main(argv: list[str]) -> int:
-    from llm_rl.demo import DemoOptions, run_demo
+    from llm_rl.demos.addition import DemoOptions, run_demo
 
     parser = argparse.ArgumentParser(
         prog="llm-rl demo",
@@ -65,7 +68,7 @@ def demo_main(argv: list[str]) -> int:
 
 
 def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    from llm_rl.demo_dialogue import DialogueOptions, run_dialogue_demo
+    from llm_rl.demos.dialogue import DialogueOptions, run_dialogue_demo
 
     defaults = DialogueOptions()
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -85,11 +88,11 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 def reward_main(argv: list[str]) -> int:
     """`llm-rl reward train --config FILE.yaml ...` or `llm-rl reward score --model PATH --input FILE.jsonl ...`."""
     if argv and argv[0] == "train":
-        from llm_rl.reward_training import main as train_main
+        from llm_rl.cli import main as train_main
 
         return train_main(argv[1:])
     if argv and argv[0] == "score":
-        from llm_rl.reward_scoring import main as score_main
+        from llm_rl.cli import main as score_main
 
         return score_main(argv[1:])
     print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n"
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("LLM_RL_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] == "--version":
-        print(f"llm-rl {llm_rl.__version__}")
+        print(f"llm-rl {__version__}")
         return 0
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip())

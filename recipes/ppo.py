@@ -1,4 +1,4 @@
-"""Entry point for PPO fine-tuning of a causal LM: `llm_rl.pipeline.run_ppo` on a YAML config.
+"""Entry point for PPO fine-tuning of a causal LM: `llm_rl.training.pipeline.run_ppo` on a YAML config.
 
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/ppo.py --config recipes/configs/addition.yaml
 

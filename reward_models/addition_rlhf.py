@@ -8,7 +8,7 @@ Four steps, each through the normal entry points (each is skipped when its outpu
      `llm-rl reward train --config reward_models/configs/addition_rm.yaml` (starting from the policy)
   3. PPO against that reward model only, as `llm-rl ppo --config reward_models/configs/addition_ppo_rm.yaml`
   4. the exact-match ground truth, which PPO never sees, on the 500 held-out problems before and after
-     (`llm_rl.demo.evaluate`), plus the kinds of mistakes the policy makes and how the RM ranks each kind.
+     (`llm_rl.demos.addition.evaluate`), plus the kinds of mistakes the policy makes and how the RM ranks each kind.
 Everything lands in OUT/summary.json. Options: --seed, --rm_steps, --max_updates (see --help).
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from llm_rl.callbacks import Evaluate
 from llm_rl.tasks import addition_preferences, arithmetic
+from llm_rl.training.callbacks import Evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 RM_CONFIG = REPO / "reward_models" / "configs" / "addition_rm.yaml"
@@ -31,7 +31,7 @@ PPO_CONFIG = REPO / "reward_models" / "configs" / "addition_ppo_rm.yaml"
 
 
 def prepare_policy(out: Path, seed: int) -> Path:
-    from llm_rl.demo import DemoOptions, run_demo
+    from llm_rl.demos.addition import DemoOptions, run_demo
 
     if not (out / "demo" / "warm_start" / "model.safetensors").is_file():
         run_demo(DemoOptions(output_dir=str(out / "demo"), seed=seed, prepare_only=True, overwrite=True))
@@ -39,7 +39,8 @@ def prepare_policy(out: Path, seed: int) -> Path:
 
 
 def train_rm(out: Path, warm_start: Path, seed: int, steps: int | None) -> Path:
-    from llm_rl.reward_training import RewardTrainingConfig, train_reward_model
+    from llm_rl.config.reward_training import RewardTrainingConfig
+    from llm_rl.training.reward_trainer import train_reward_model
 
     rm_dir = out / "reward_model"
     if not (rm_dir / "eval_results.json").is_file():
@@ -53,7 +54,7 @@ def train_rm(out: Path, warm_start: Path, seed: int, steps: int | None) -> Path:
 
 def rm_accuracy_by_mistake(rm_dir: Path) -> dict:
     """Held-out pairwise accuracy of the reward model, overall and per kind of rejected answer."""
-    from llm_rl.rewards import RewardModel
+    from llm_rl.rewards.model import RewardModel
 
     reward = RewardModel.from_pretrained(str(rm_dir))
     pairs = addition_preferences.load_splits()["test"]
@@ -88,10 +89,11 @@ def mistakes_of(policy, tokenizer, problems) -> dict:
 
 
 def run_ppo_against_rm(out: Path, warm_start: Path, rm_dir: Path, seed: int, max_updates: int | None) -> dict:
-    from llm_rl.config import Config
-    from llm_rl.demo import evaluate, quiet_libraries
-    from llm_rl.modeling import CausalLMWithValueHead
-    from llm_rl.pipeline import load_policy, load_tokenizer, run_ppo
+    from llm_rl.config.sections import Config
+    from llm_rl.demos.addition import evaluate, quiet_libraries
+    from llm_rl.models.loading import load_policy, load_tokenizer
+    from llm_rl.models.value_head import CausalLMWithValueHead
+    from llm_rl.training.pipeline import run_ppo
 
     quiet_libraries()
     overrides = ["--model_name_or_path", str(warm_start), "--dataset_name", str(out / "demo" / "data" / "train.jsonl"),

@@ -1,5 +1,5 @@
 """Entry point for reward-model training on preference pairs (Bradley-Terry loss):
-`llm_rl.reward_training.train_reward_model` on a YAML config, launched like recipes/ppo.py:
+`llm_rl.training.reward_trainer.train_reward_model` on a YAML config, launched like recipes/ppo.py:
 
     accelerate launch --config_file accelerate_configs/cpu.yaml reward_models/train.py --config reward_models/configs/addition_rm.yaml
 

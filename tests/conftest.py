@@ -17,7 +17,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llm_rl.tasks.arithmetic import build_model, build_tokenizer  # noqa: E402
+from llm_rl.tasks.arithmetic import build_model  # noqa: E402
+from llm_rl.tasks.dialogue import build_tokenizer
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

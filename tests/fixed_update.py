@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from llm_rl.config import Config
-from llm_rl.pipeline import load_policy, load_prompts, load_tokenizer
-from llm_rl.rollout import Rollout, logprobs_and_values
-from llm_rl.targets import Targets
-from llm_rl.trainer import PPOTrainer
+from llm_rl.algorithms.targets import Targets
+from llm_rl.config.sections import Config
+from llm_rl.data.prompts import load_prompts
+from llm_rl.models.loading import load_policy, load_tokenizer
+from llm_rl.sampling.rollout import Rollout, logprobs_and_values
+from llm_rl.training.ppo_trainer import PPOTrainer
 
 PROMPTS = ["1+2=", "17+5=", "123+45=", "7+77=", "30+3=", "999+1=", "4+56=", "78+9="]
 RESPONSE_LENGTHS = [1, 12, 2, 9, 3, 12, 1, 6]  # very different lengths: micro-batches hold unequal token counts

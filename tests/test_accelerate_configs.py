@@ -169,7 +169,7 @@ def test_fsdp_wrap_class_exists_in_the_policy():
     """The block class named for auto wrap is found inside CausalLMWithValueHead(GPT-2) (addition.yaml's model)."""
     from accelerate.utils.dataclasses import get_module_class_from_name
 
-    from llm_rl.modeling import CausalLMWithValueHead
+    from llm_rl.models.value_head import CausalLMWithValueHead
     from llm_rl.tasks import arithmetic
 
     raw = yaml.safe_load(config_path("fsdp").read_text())

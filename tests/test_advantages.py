@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llm_rl.advantages import (
+from llm_rl.algorithms.advantages import (
     compute_gae,
     discounted_returns,
     grpo_advantages,

@@ -26,18 +26,15 @@ import torch
 from tiny_architectures import ARCHITECTURES, PROMPTS, save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
-from llm_rl.config import Config
-from llm_rl.modeling import CausalLMWithValueHead, disable_dropout
-from llm_rl.pipeline import load_policy, load_prompts, load_tokenizer
-from llm_rl.rollout import (
-    forward_logprobs,
-    generate_responses,
-    generation_settings,
-    sampling_config,
-    truncate_after_stop,
-)
-from llm_rl.tasks.arithmetic import build_tokenizer
-from llm_rl.trainer import PPOTrainer
+from llm_rl.config.sections import Config
+from llm_rl.data.prompts import load_prompts
+from llm_rl.models.forward import forward_logprobs
+from llm_rl.models.loading import load_policy, load_tokenizer
+from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout
+from llm_rl.sampling.hf import generate_responses, generation_settings, sampling_config
+from llm_rl.sampling.rollout import truncate_after_stop
+from llm_rl.tasks.dialogue import build_tokenizer
+from llm_rl.training.ppo_trainer import PPOTrainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 

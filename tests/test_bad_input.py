@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_rl import checkpoint
-from llm_rl.config import Config
-from llm_rl.pipeline import run_ppo
+from llm_rl.config.sections import Config
 from llm_rl.tasks import arithmetic
+from llm_rl.training import checkpoint
+from llm_rl.training.pipeline import run_ppo
 
 EXPLODING = '''
 CALLS = [0]

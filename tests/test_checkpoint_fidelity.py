@@ -10,12 +10,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
-from llm_rl.config import Config, ConfigError
-from llm_rl.data import PromptData
-from llm_rl.pipeline import load_policy, load_tokenizer
-from llm_rl.reward_training import RewardTrainingConfig, tokenize_pairs
-from llm_rl.rewards import RewardError, RewardModel, sequence_scores
-from llm_rl.trainer import PPOTrainer
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.reward_training import RewardTrainingConfig
+from llm_rl.config.sections import Config
+from llm_rl.data.prompts import PromptData
+from llm_rl.models.loading import load_policy, load_tokenizer
+from llm_rl.rewards.functions import RewardError
+from llm_rl.rewards.model import RewardModel, sequence_scores
+from llm_rl.training.ppo_trainer import PPOTrainer
+from llm_rl.training.reward_trainer import tokenize_pairs
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 
@@ -136,7 +139,8 @@ def test_truncated_prompt_is_what_rewards_see(tiny_tokenizer):
 
 def test_reloaded_policy_matches_the_checkpoint(tiny_model_dir):
     """Load check for the policy itself: a folder without lm weights would start random, so it is refused."""
-    from llm_rl.modeling import CausalLMWithValueHead, ModelLoadError
+    from llm_rl.config.errors import ModelLoadError
+    from llm_rl.models.value_head import CausalLMWithValueHead
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert CausalLMWithValueHead.from_pretrained(str(tiny_model_dir)).pretrained_model.state_dict().keys() == \

@@ -1,6 +1,8 @@
 import pytest
 
-from llm_rl.config import Config, ConfigError, parse_overrides
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.loading import parse_overrides
+from llm_rl.config.sections import Config
 
 
 def write(tmp_path, text: str, name: str = "config.yaml"):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from llm_rl.data import DataError, PromptData, PromptSampler, load_prompt_dataset
+from llm_rl.data.prompts import DataError, PromptData, PromptSampler, load_prompt_dataset
 
 # Character tokenizer ids: <pad>=0, <eos>=1, <unk>=2, '0'..'9'=3..12, '+'=13, '='=14.
 ROWS = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "12+34=", "answer": "46"}, {"prompt": "5+5=", "answer": "10"}]
@@ -231,8 +231,8 @@ def test_sampler_too_few_prompts():
 
 
 def test_load_tokenizer_pad_equal_to_eos_gets_a_distinct_pad(tmp_path):
-    from llm_rl.pipeline import load_tokenizer
-    from llm_rl.tasks.arithmetic import build_tokenizer
+    from llm_rl.models.loading import load_tokenizer
+    from llm_rl.tasks.dialogue import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
@@ -249,7 +249,7 @@ def test_load_tokenizer_without_pad_or_unk_adds_one(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from llm_rl.pipeline import load_tokenizer
+    from llm_rl.models.loading import load_tokenizer
 
     backend = Tokenizer(models.WordLevel(vocab={"<eos>": 0, "a": 1, "b": 2}))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -265,7 +265,7 @@ def test_load_tokenizer_without_pad_or_unk_adds_one(tmp_path):
 
 
 def test_load_tokenizer_keeps_a_distinct_pad(tiny_model_dir):
-    from llm_rl.pipeline import load_tokenizer
+    from llm_rl.models.loading import load_tokenizer
 
     loaded = load_tokenizer(str(tiny_model_dir))
     assert loaded.pad_token == "<pad>" and loaded.pad_token_id == 0 and len(loaded) == 15

@@ -49,7 +49,7 @@ import sys
 from pathlib import Path
 
 from llm_rl.config import Config
-from llm_rl.pipeline import run_ppo
+from llm_rl.training.pipeline import run_ppo
 
 
 def main():

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from llm_rl.advantages import action_gae, compute_gae
+from llm_rl.algorithms.advantages import action_gae, compute_gae
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 
@@ -113,7 +113,7 @@ class Echo:
 def test_two_turn_episodes_on_a_tiny_model(tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from llm_rl.episodes import run_episodes
+    from llm_rl.sampling.episodes import run_episodes
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     rows = [{"prompt": "1+2="}, {"prompt": "17+5="}, {"prompt": "123+45="}]
@@ -146,7 +146,7 @@ def test_two_turn_episodes_on_a_tiny_model(tiny_model_dir, tiny_tokenizer):
 def test_max_episode_tokens_cuts_and_finished_episodes_stop_generating(tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from llm_rl.episodes import run_episodes
+    from llm_rl.sampling.episodes import run_episodes
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     calls = []
@@ -171,7 +171,7 @@ def test_chat_episode_sequence_is_the_rendered_conversation(tiny_model_dir, tiny
     reply beyond the policy's stop token ("=" here) becomes part of the observation, never an action."""
     from transformers import AutoModelForCausalLM
 
-    from llm_rl.episodes import run_episodes
+    from llm_rl.sampling.episodes import run_episodes
 
     tiny_tokenizer.chat_template = (
         "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}="
@@ -244,9 +244,11 @@ def episode_setup(tmp_path_factory, tiny_model_dir):
 
 
 def make_trainer(values: dict, out, **overrides):
-    from llm_rl.config import Config
-    from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
-    from llm_rl.trainer import PPOTrainer
+    from llm_rl.config.sections import Config
+    from llm_rl.data.prompts import load_prompts
+    from llm_rl.models.loading import load_policy, load_tokenizer
+    from llm_rl.rewards.loading import load_rewards
+    from llm_rl.training.ppo_trainer import PPOTrainer
 
     config = Config.from_dict({**values, "output_dir": str(out), **overrides})
     tokenizer = load_tokenizer(values["model_name_or_path"])
@@ -315,13 +317,13 @@ def test_critic_free_estimators_take_the_discounted_episode_return(episode_setup
     turn_of = rollout.turn_ends.long().cumsum(1) - rollout.turn_ends.long()
     episode_return = (rollout.turn_scores * 0.9 ** turn_of.float()).sum(1)
     if estimator == "grpo":
-        from llm_rl.advantages import grpo_advantages
+        from llm_rl.algorithms.advantages import grpo_advantages
 
         expected = grpo_advantages(episode_return, 2)
         for row in range(4):
             assert torch.allclose(advantages[row][mask[row]], expected[row].expand(int(mask[row].sum())))
     else:  # every bot token: its turn's discounted return to go, whitened over the batch's bot tokens
-        from llm_rl.ops import masked_whiten
+        from llm_rl.algorithms.ops import masked_whiten
 
         to_go = torch.zeros_like(rollout.turn_scores)
         for row in range(4):
@@ -373,7 +375,7 @@ def test_readme_example_environment_keeps_the_protocol():
     import re
     from pathlib import Path
 
-    from llm_rl.episodes import checked_step
+    from llm_rl.sampling.episodes import checked_step
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     source = re.search(r"```python\n(# my_env\.py.*?)```", readme, re.S).group(1)
@@ -392,7 +394,7 @@ def test_readme_example_environment_keeps_the_protocol():
 def test_environment_mistakes_are_named(tiny_model_dir, tiny_tokenizer, bad, message):
     from transformers import AutoModelForCausalLM
 
-    from llm_rl.episodes import EpisodeError, run_episodes
+    from llm_rl.sampling.episodes import EpisodeError, run_episodes
 
     class Broken:
         def reset(self, row):

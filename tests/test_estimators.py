@@ -7,11 +7,15 @@ import math
 import pytest
 import torch
 
-from llm_rl.config import Config, ConfigError
-from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
-from llm_rl.rewards import RewardModel, compute_rewards, prefix_scores
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.sections import Config
+from llm_rl.data.prompts import load_prompts
+from llm_rl.models.loading import load_policy, load_tokenizer
+from llm_rl.rewards.functions import compute_rewards
+from llm_rl.rewards.loading import load_rewards
+from llm_rl.rewards.model import RewardModel, prefix_scores
 from llm_rl.tasks import arithmetic
-from llm_rl.trainer import PPOTrainer
+from llm_rl.training.ppo_trainer import PPOTrainer
 
 REWARDS = '''
 import math

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_rl.config import Config, ConfigError
-from llm_rl.pipeline import run_ppo
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.sections import Config
 from llm_rl.tasks import arithmetic
+from llm_rl.training.pipeline import run_ppo
 
 
 class FakeHfApi:
@@ -77,7 +78,7 @@ def test_push_to_hub_needs_a_repo_id():
 
 
 def test_card_metadata_names_hub_ids_only(tmp_path, hub_card):
-    from llm_rl.hub import model_card
+    from llm_rl.reporting.hub import model_card
 
     config = Config.from_dict({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dataset_name": "openai/gsm8k",
                                "output_dir": str(tmp_path / "run")})

@@ -20,11 +20,11 @@ from fixed_update import logged_lrs, make_trainer, one_update, relative_differen
 from safetensors.torch import load_file
 from test_distributed import explain, launch
 
-from llm_rl.config import Config
-from llm_rl.rewards import Scores
-from llm_rl.rollout import Rollout
-from llm_rl.targets import compute_targets
-from llm_rl.trainer import SHARE_STATS, PPOTrainer
+from llm_rl.algorithms.scores import Scores
+from llm_rl.algorithms.targets import compute_targets
+from llm_rl.config.sections import Config
+from llm_rl.sampling.rollout import Rollout
+from llm_rl.training.ppo_trainer import SHARE_STATS, PPOTrainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 

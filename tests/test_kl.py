@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llm_rl.kl import KL_LOSS_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from llm_rl.algorithms.kl import KL_LOSS_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
 
 # r = logprobs - ref_logprobs = [0.5, -1.0, 0.0]
 LOGPROBS = torch.tensor([[-1.0, -2.0, -0.5]])

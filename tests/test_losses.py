@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llm_rl.losses import aggregate_loss, loss_normalizer, policy_loss, value_loss
+from llm_rl.algorithms.losses import aggregate_loss, loss_normalizer, policy_loss, value_loss
 
 
 def close(actual, expected, atol=1e-6):
@@ -215,7 +215,7 @@ def test_ppo_objective_by_hand():
     value 0.5 * mean(0.5^2, 0) = 0.0625; entropy mean(1, 3) = 2; k2 KL mean(0, 0.5 ln(2)^2)."""
     import math
 
-    from llm_rl.losses import ppo_objective
+    from llm_rl.algorithms.losses import ppo_objective
 
     logprobs = torch.tensor([[0.0, math.log(2.0)]], requires_grad=True)
     values = torch.tensor([[0.5, 1.0]], requires_grad=True)

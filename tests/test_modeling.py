@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from llm_rl.modeling import VALUE_HEAD_FILE, CausalLMWithValueHead, disable_dropout, position_ids_from_mask
+from llm_rl.models.value_head import VALUE_HEAD_FILE, CausalLMWithValueHead, disable_dropout, position_ids_from_mask
 
 # Token ids of the character tokenizer: '0'..'9' = 3..12, '+' = 13, '=' = 14.
 PROMPTS = [[4, 13, 5, 14], [4, 5, 13, 6, 7, 14], [4, 5, 6, 13, 7, 8, 9, 10, 14]]  # 1+2=  12+34=  123+4567=
@@ -94,7 +94,7 @@ def test_save_pretrained_writes_safetensors_loadable_as_plain_lm(tiny_lm, tmp_pa
 def test_tanh_gelu_is_fused_into_one_kernel_with_the_same_values():
     from transformers.activations import NewGELUActivation
 
-    from llm_rl.modeling import fuse_tanh_gelu
+    from llm_rl.models.value_head import fuse_tanh_gelu
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), NewGELUActivation(), torch.nn.Sequential(NewGELUActivation()))
     x = torch.linspace(-6, 6, 97)[:, None].expand(97, 4)
@@ -163,7 +163,7 @@ def test_forward_response_start_slices(tiny_lm, response_start):
 def test_a_model_without_an_lm_head_is_refused():
     from transformers import GPT2Model
 
-    from llm_rl.config import ModelLoadError
+    from llm_rl.config.errors import ModelLoadError
 
     base = GPT2Model(GPT2Config(vocab_size=15, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ModelLoadError, match="no linear lm head"):

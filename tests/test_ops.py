@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llm_rl.ops import (
+from llm_rl.algorithms.ops import (
     entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
@@ -197,7 +197,7 @@ def test_entropy_gradient_finite_with_neg_inf():
 
 def test_masked_whiten_with_statistics_summed_over_processes():
     """Two 'processes' holding halves of a batch whiten each half with the statistics of the whole."""
-    from llm_rl.ops import masked_moments
+    from llm_rl.algorithms.ops import masked_moments
 
     torch.manual_seed(0)
     x = torch.randn(6, 5) * 3 + 1
@@ -216,7 +216,7 @@ def test_masked_whiten_with_statistics_summed_over_processes():
 
 
 def test_entropy_in_chunks_equals_one_chunk(monkeypatch):
-    import llm_rl.ops as ops
+    import llm_rl.algorithms.ops as ops
 
     logits = torch.randn(7, 5, 11, generator=torch.Generator().manual_seed(0))
     logits[2, 3, 4] = -float("inf")  # a banned token

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_rl.config import Config
-from llm_rl.pipeline import load_policy, load_prompts, load_rewards, load_tokenizer
-from llm_rl.rollout import Rollout, logprobs_and_values
+from llm_rl.config.sections import Config
+from llm_rl.data.prompts import load_prompts
+from llm_rl.models.loading import load_policy, load_tokenizer
+from llm_rl.rewards.loading import load_rewards
+from llm_rl.sampling.rollout import Rollout, logprobs_and_values
 from llm_rl.tasks import arithmetic
-from llm_rl.trainer import PPOTrainer
+from llm_rl.training.ppo_trainer import PPOTrainer
 
 
 def lora_config(tiny_model_dir, tmp_path, **extra) -> Config:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_rl.config import Config, load_yaml
-from llm_rl.demo import DEMO_CONFIG
+from llm_rl.config.loading import load_yaml
+from llm_rl.config.sections import Config
+from llm_rl.demos.addition import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO_CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml")) + [
@@ -29,7 +30,7 @@ def test_addition_recipe_is_the_demo_run():
 
 
 def test_dialogue_recipe_is_the_demos_far_sighted_run():
-    from llm_rl.demo_dialogue import DIALOGUE_CONFIG
+    from llm_rl.demos.dialogue import DIALOGUE_CONFIG
 
     recipe, demo = load_yaml(ROOT / "recipes" / "configs" / "dialogue.yaml"), load_yaml(DIALOGUE_CONFIG)
     training_keys = set(demo) - {"eval_steps"}  # the demo's evaluation is its eval_fn on held-out bug reports
@@ -38,7 +39,7 @@ def test_dialogue_recipe_is_the_demos_far_sighted_run():
 
 
 def test_reward_model_config_validates():
-    from llm_rl.reward_training import RewardTrainingConfig
+    from llm_rl.config.reward_training import RewardTrainingConfig
 
     config = RewardTrainingConfig.from_yaml(ROOT / "reward_models" / "configs" / "addition_rm.yaml")
     assert config.model_name_or_path and config.dataset_name

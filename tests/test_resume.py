@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_rl import checkpoint
 from llm_rl.tasks import arithmetic
+from llm_rl.training import checkpoint
 
 UPDATES = 5
 # 8 prompts, 4 per update: a pass over the data every 2 updates, so checkpoint-2 sits

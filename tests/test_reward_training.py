@@ -10,20 +10,15 @@ import pytest
 import torch
 import yaml
 
-from llm_rl.config import ConfigError
-from llm_rl.data import DataError
-from llm_rl.reward_training import (
-    RewardTrainingConfig,
-    collate_pairs,
-    ensure_distinct_pad,
-    load_reward_model,
-    main,
-    pairwise_loss,
-    sequence_scores,
-    tokenize_pairs,
-    train_reward_model,
-)
+from llm_rl.algorithms.losses import pairwise_loss
+from llm_rl.cli import main
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.reward_training import RewardTrainingConfig
+from llm_rl.data.prompts import DataError
+from llm_rl.models.loading import ensure_distinct_pad
+from llm_rl.rewards.model import sequence_scores
 from llm_rl.tasks import addition_preferences, arithmetic
+from llm_rl.training.reward_trainer import collate_pairs, load_reward_model, tokenize_pairs, train_reward_model
 
 
 # ---------------------------------------------------------------- the loss, by hand
@@ -96,7 +91,7 @@ def test_left_and_right_padding_give_the_same_scores(tiny_classifier):
     left = scores_of(model, ids, "left", tokenizer.pad_token_id)
     assert torch.allclose(right, alone, atol=1e-5) and torch.allclose(left, alone, atol=1e-5)
     assert alone.std() > 0.01  # a real test: the texts do score differently
-    # transformers' own pooling (what a plain user and llm_rl.rewards.RewardModel run) agrees on right padding
+    # transformers' own pooling (what a plain user and llm_rl.rewards.model.RewardModel run) agrees on right padding
     batch = tokenizer(TEXTS, padding=True, padding_side="right", return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits[:, 0], alone, atol=1e-5)
@@ -260,7 +255,7 @@ def rm_yaml(tmp_path, tiny_model_dir) -> Path:
 def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys, hub_card):
     from transformers import AutoModelForSequenceClassification
 
-    from llm_rl.rewards import RewardModel
+    from llm_rl.rewards.model import RewardModel
 
     assert main(["--config", str(rm_yaml)]) == 0
     out = tmp_path / "rm"
@@ -287,7 +282,7 @@ def test_train_saves_a_model_transformers_loads(rm_yaml, tmp_path, capsys, hub_c
 def test_lora_adapter_or_merged_model(rm_yaml, tmp_path, hub_card):
     from transformers import AutoModelForSequenceClassification
 
-    from llm_rl.rewards import RewardModel
+    from llm_rl.rewards.model import RewardModel
 
     base = ["--max_steps", "2", "--use_peft", "--lora_r", "4", "--learning_rate", "1e-2", "--eval_fraction", "0"]
     train_reward_model(RewardTrainingConfig.from_yaml(rm_yaml, base + ["--output_dir", str(tmp_path / "adapter")]))

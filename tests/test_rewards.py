@@ -3,16 +3,15 @@ import math
 import pytest
 import torch
 
-from llm_rl.rewards import (
+from llm_rl.algorithms.scores import shape_scores, token_rewards
+from llm_rl.rewards.functions import (
     RewardError,
-    RewardModel,
     compute_rewards,
     load_reward_function,
     reward_name,
-    shape_scores,
-    token_rewards,
     validate_rewards,
 )
+from llm_rl.rewards.model import RewardModel
 
 # ----------------------------------------------------------------- token_rewards
 
@@ -194,7 +193,7 @@ def test_load_reward_function_missing_file_or_attribute(tmp_path):
 def save_reward_model(path, with_pad: bool):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from llm_rl.tasks.arithmetic import build_tokenizer
+    from llm_rl.tasks.dialogue import build_tokenizer
 
     tokenizer = build_tokenizer()
     if not with_pad:

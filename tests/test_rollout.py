@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from llm_rl.modeling import CausalLMWithValueHead
-from llm_rl.rollout import Rollout, forward_logprobs, generate_responses, logprobs_and_values, truncate_after_stop
+from llm_rl.models.forward import forward_logprobs
+from llm_rl.models.value_head import CausalLMWithValueHead
+from llm_rl.sampling.hf import generate_responses
+from llm_rl.sampling.rollout import Rollout, logprobs_and_values, truncate_after_stop
 
 PAD, EOS = 0, 1
 PROMPTS = [[4, 13, 5, 14], [4, 5, 13, 6, 7, 14], [4, 5, 6, 13, 7, 8, 9, 10, 14]]  # 1+2=  12+34=  123+4567=

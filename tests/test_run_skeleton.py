@@ -1,5 +1,5 @@
-"""The run skeleton (llm_rl.run) as reward-model training uses it: exact resume, the output-folder
-policy, and the pairwise loss at its home in llm_rl.losses."""
+"""The run skeleton (llm_rl.training.run) as reward-model training uses it: exact resume, the output-folder
+policy, and the pairwise loss at its home in llm_rl.algorithms.losses."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llm_rl import checkpoint
-from llm_rl.config import ConfigError
-from llm_rl.reward_training import RewardTrainer, RewardTrainingConfig, train_reward_model
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.reward_training import RewardTrainingConfig
 from llm_rl.tasks import addition_preferences, arithmetic
+from llm_rl.training import checkpoint
+from llm_rl.training.reward_trainer import RewardTrainer, train_reward_model
 
 
 # ---------------------------------------------------------------- the loss

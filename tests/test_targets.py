@@ -9,11 +9,13 @@ import typing
 import pytest
 import torch
 
-from llm_rl.advantages import ESTIMATORS
-from llm_rl.config import AdvantageEstimator, Config, ConfigError
-from llm_rl.rewards import Scores, kl_rewards, place_scores, token_rewards
-from llm_rl.rollout import Rollout
-from llm_rl.targets import compute_targets
+from llm_rl.algorithms.advantages import ESTIMATORS
+from llm_rl.algorithms.scores import Scores, kl_rewards, place_scores, token_rewards
+from llm_rl.algorithms.targets import compute_targets
+from llm_rl.config.choices import AdvantageEstimator
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.sections import Config
+from llm_rl.sampling.rollout import Rollout
 
 
 def rollout_of(mask, logprobs, ref_logprobs=None, values=None) -> Rollout:

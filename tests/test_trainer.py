@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import llm_rl.trainer as trainer_module
-from llm_rl.callbacks import TrainerCallback
-from llm_rl.config import Config, ConfigError
-from llm_rl.pipeline import load_policy, load_tokenizer, run_ppo
+import llm_rl.training.ppo_trainer as trainer_module
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.sections import Config
+from llm_rl.models.loading import load_policy, load_tokenizer
+from llm_rl.training.callbacks import TrainerCallback
+from llm_rl.training.pipeline import run_ppo
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 
@@ -164,7 +166,8 @@ def test_fused_update_matches_the_plain_path(assets, tmp_path, num_generations):
         config = make_config(assets, tmp_path / f"run-{fused}", max_updates=2, seed=3,
                              num_generations=num_generations)
         tokenizer = load_tokenizer(str(assets.model_dir))
-        from llm_rl.pipeline import load_prompts, load_rewards
+        from llm_rl.data.prompts import load_prompts
+        from llm_rl.rewards.loading import load_rewards
 
         trainer = trainer_module.PPOTrainer(config, load_policy(config, tokenizer), tokenizer,
                                             load_prompts(config, tokenizer), load_rewards(config))

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from llm_rl import checkpoint, cli
-from llm_rl.callbacks import Evaluate
-from llm_rl.config import Config, ConfigError, parse_overrides, split_config_arg
-from llm_rl.data import DataError
-from llm_rl.pipeline import run_ppo
-from llm_rl.plotting import curve_panels
-from llm_rl.rewards import RewardError
+from llm_rl import cli
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.loading import parse_overrides, split_config_arg
+from llm_rl.config.sections import Config
+from llm_rl.data.prompts import DataError
+from llm_rl.reporting.plotting import curve_panels
+from llm_rl.rewards.functions import RewardError
 from llm_rl.tasks import arithmetic
+from llm_rl.training import checkpoint
+from llm_rl.training.callbacks import Evaluate
+from llm_rl.training.pipeline import run_ppo
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 
@@ -206,7 +209,7 @@ def test_trl_and_openrlhf_names_point_to_the_key_meant(typed, meant, note):
 
 
 def test_reward_training_names_pairs_not_prompts():
-    from llm_rl.reward_training import RewardTrainingConfig
+    from llm_rl.config.reward_training import RewardTrainingConfig
 
     with pytest.raises(ConfigError, match="Did you mean batch_size.*pairs per process"):
         RewardTrainingConfig().update({"per_device_train_batch_size": 8})
@@ -254,7 +257,7 @@ def test_evaluation_and_completions_reach_tensorboard(tiny_model_dir, data, tmp_
 def test_completions_table_goes_to_wandb_as_a_table():
     from types import SimpleNamespace
 
-    from llm_rl.metrics import log_table
+    from llm_rl.reporting.metrics import log_table
 
     calls = []
     wandb = SimpleNamespace(name="wandb", log_table=lambda name, columns, data, step: calls.append((name, columns, data, step)))

@@ -152,8 +152,9 @@ def supervised_warm_start(
 def complete(lm, tokenizer, problems: Sequence[Problem], greedy: bool, temperature: float = 1.0,
              max_new_tokens: int = 6):
     """Answer every problem in one batch: (texts, rollout) with the prompts, responses and masks."""
-    from llm_rl.data import left_pad
-    from llm_rl.rollout import Rollout, decode_responses, generate_responses
+    from llm_rl.algorithms.ops import left_pad
+    from llm_rl.sampling.hf import generate_responses
+    from llm_rl.sampling.rollout import Rollout, decode_responses
 
     was_training = lm.training
     lm.eval()

@@ -101,7 +101,7 @@ def behaviour(lm, tokenizer, rows: Sequence[dict], greedy: bool, temperature: fl
               max_turns: int = 3) -> dict:
     """Play one episode per row: the share of first replies that ask / apologise, the fix rate after a
     trace, and the mean discounted return."""
-    from llm_rl.episodes import run_episodes
+    from llm_rl.sampling.episodes import run_episodes
 
     users = [DebugUser() for _ in rows]
     episodes = run_episodes(
@@ -131,8 +131,8 @@ def exact_return(lm, tokenizer, row: dict, gamma: float, temperature: float = 1.
     (one token then EOS, or two tokens cut at max_new_tokens=2) with its probability under the
     policy and the environment's deterministic answer; branches below `prune` probability are dropped.
     Returns (expected return, probability mass dropped)."""
-    from llm_rl.data import left_pad
-    from llm_rl.modeling import position_ids_from_mask
+    from llm_rl.algorithms.ops import left_pad
+    from llm_rl.models.value_head import position_ids_from_mask
 
     eos = tokenizer.eos_token_id
 

@@ -1,0 +1,271 @@
+"""PPO clipped policy and value losses.
+
+All per-token tensors are ``(batch, resp_len)``; ``mask`` marks valid
+response tokens. Each loss returns ``(loss, stats)`` where ``stats`` holds
+detached scalar tensors for logging.
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import torch
+
+from llm_rl.algorithms.ops import masked_mean, masked_sum
+from llm_rl.config.choices import LossAggregation
+
+Tensor = torch.Tensor
+
+LOSS_AGGREGATIONS = get_args(LossAggregation)
+
+
+def aggregate_loss(
+    per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean", normalizer: Tensor | float | None = None
+) -> Tensor:
+    """Reduce a ``(batch, resp_len)`` per-token loss to a scalar.
+
+    - ``"token_mean"``: ``sum(l * m) / sum(m)``, every valid token in the batch
+      weighs the same (long responses dominate).
+    - ``"seq_mean_token_mean"``: mean over tokens within each sequence, then
+      mean over sequences that have at least one valid token, so every
+      response weighs the same regardless of length.
+
+    ``normalizer``: divide by this count instead of the batch's own (tokens for
+    ``token_mean``, sequences with a valid token for ``seq_mean_token_mean``;
+    see `loss_normalizer`). Given the count of a whole mini-batch (all
+    micro-batches, all processes), each micro-batch's loss is its share of the
+    mini-batch mean, and the shares sum to that mean however the mini-batch is
+    split. A count below 1 is taken as 1. Empty input gives 0.
+    """
+    if loss_agg == "token_mean":
+        if normalizer is None:
+            return masked_mean(per_token_loss, mask)
+        return masked_sum(per_token_loss, mask) / torch.as_tensor(normalizer).clamp(min=1)
+    if loss_agg == "seq_mean_token_mean":
+        per_seq = masked_mean(per_token_loss, mask, dim=-1)  # (batch,), 0 for a row without tokens
+        if normalizer is None:
+            # Empty rows would otherwise count as a 0 loss and dilute the mean.
+            has_tokens = mask.to(per_token_loss.dtype).sum(dim=-1) > 0
+            return masked_mean(per_seq, has_tokens)
+        return per_seq.sum() / torch.as_tensor(normalizer).clamp(min=1)
+    raise ValueError(
+        f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}"
+    )
+
+
+def loss_normalizer(mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+    """The count `aggregate_loss` divides by: valid tokens (``token_mean``) or sequences with at least
+    one valid token (``seq_mean_token_mean``) of ``mask`` ``(batch, resp_len)``. A float scalar, so the
+    counts of micro-batches and processes can be summed into the mini-batch's."""
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}")
+    tokens = mask.float().sum(dim=-1)  # (batch,)
+    return tokens.sum() if loss_agg == "token_mean" else (tokens > 0).float().sum()
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+    dual_clip: float | None = None,
+    loss_agg: str = "token_mean",
+    normalizer: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate objective (as a loss to minimise).
+
+    logprobs: ``(batch, resp_len)`` under the current policy (with grad);
+    old_logprobs, advantages: ``(batch, resp_len)`` from the rollout, treated
+    as constants (detached here).
+
+    ``ratio = exp(logprobs - old_logprobs)``
+    ``l_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))``
+    (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7.)
+
+    Dual clip with ``c > 1``: for ``A_t < 0`` the loss is capped,
+    ``l_t = min(l_t, -c * A_t)``, so a very large ratio on a bad action cannot
+    produce an unbounded update (Ye et al. 2020, "Mastering Complex Control in
+    MOBA Games with Deep Reinforcement Learning", eq. 5).
+
+    Stats: ``clipfrac`` (fraction of valid tokens where the clipped branch is
+    the active max), ``approx_kl`` (masked mean of ``0.5 * log_ratio^2``),
+    ``ratio_mean``, ``ratio_max``, and ``dual_clipfrac`` when dual clip is on:
+    means over this batch, whatever ``normalizer`` (see `aggregate_loss`) is.
+    """
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+
+    valid = mask.bool()
+    old_logprobs = old_logprobs.detach()
+    advantages = advantages.detach()
+
+    # Padding may hold arbitrary log-probs; exp of a huge difference would be
+    # inf, and inf * 0 in the masked mean gives NaN. Forcing ratio = 1 there
+    # keeps both the forward and the backward pass finite.
+    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.maximum(pg_unclipped, pg_clipped)
+
+    stats: dict[str, Tensor] = {}
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        capped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+        stats["dual_clipfrac"] = masked_mean(capped.to(logprobs.dtype), mask).detach()
+
+    loss = aggregate_loss(per_token, mask, loss_agg, normalizer)
+
+    with torch.no_grad():
+        stats["clipfrac"] = masked_mean((pg_clipped > pg_unclipped).to(logprobs.dtype), mask)
+        stats["approx_kl"] = masked_mean(0.5 * log_ratio.square(), mask)
+        stats["ratio_mean"] = masked_mean(ratio, mask)
+        # ratio > 0, so filling padding with 0 leaves the valid max (or 0 if empty).
+        stats["ratio_max"] = torch.where(valid, ratio, torch.zeros_like(ratio)).max()
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range_value: float | None = 0.2,
+    loss_agg: str = "token_mean",
+    normalizer: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value-function loss.
+
+    values: ``(batch, resp_len)`` current predictions (with grad);
+    old_values, returns: ``(batch, resp_len)`` from the rollout (detached here).
+
+    ``V_clip = V_old + clip(V - V_old, -c, c)``
+    ``l_t = 0.5 * max((V - R)^2, (V_clip - R)^2)``
+
+    The pessimistic max keeps the critic from moving more than ``c`` away from
+    its rollout-time prediction in one update. ``clip_range_value=None`` gives
+    the plain ``0.5 * (V - R)^2``.
+    Stats: ``vf_clipfrac`` (fraction of valid tokens where the clipped error
+    is the larger one) and ``value_error`` (masked mean of ``(V - R)^2``).
+    ``loss_agg`` and ``normalizer`` as in `aggregate_loss`.
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    err_unclipped = (values - returns).square()
+
+    if clip_range_value is None:
+        per_token = 0.5 * err_unclipped
+        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        if clip_range_value <= 0:
+            raise ValueError(f"clip_range_value must be > 0 or None, got {clip_range_value}")
+        v_clipped = old_values + torch.clamp(
+            values - old_values, -clip_range_value, clip_range_value
+        )
+        err_clipped = (v_clipped - returns).square()
+        per_token = 0.5 * torch.maximum(err_unclipped, err_clipped)
+        clipfrac = masked_mean((err_clipped > err_unclipped).to(values.dtype), mask)
+
+    loss = aggregate_loss(per_token, mask, loss_agg, normalizer)
+    stats = {
+        "vf_clipfrac": clipfrac.detach(),
+        "value_error": masked_mean(err_unclipped, mask).detach(),
+    }
+    return loss, stats
+
+
+def ppo_objective(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    token_entropy: Tensor,
+    values: Tensor | None = None,
+    old_values: Tensor | None = None,
+    returns: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    clip_range: float = 0.2,
+    dual_clip: float | None = None,
+    clip_range_value: float | None = 0.2,
+    vf_coef: float = 0.1,
+    ent_coef: float = 0.0,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k2",
+    loss_agg: str = "token_mean",
+    normalizer: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The whole PPO loss of a batch, and its metrics under their logged names.
+
+    ``loss = policy + vf_coef * value - ent_coef * entropy (+ kl_coef * KL)``, every term aggregated by
+    ``loss_agg`` over ``mask`` and divided by ``normalizer`` (see `aggregate_loss`). All per-token inputs
+    are ``(batch, resp_len)``; ``logprobs``, ``values`` and ``token_entropy`` carry the gradient, the rest
+    are rollout constants. ``values=None``: no critic (no value term). ``ref_logprobs`` given: KL to the
+    reference as a loss term (``kl_placement: loss``) with ``kl_estimator``, masked before its ``exp``.
+    """
+    from llm_rl.algorithms.kl import kl_penalty
+
+    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range,
+                                    dual_clip=dual_clip, loss_agg=loss_agg, normalizer=normalizer)
+    loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
+    if values is not None:
+        vf_loss, vf_stats = value_loss(values.float(), old_values, returns, mask, clip_range_value=clip_range_value,
+                                       loss_agg=loss_agg, normalizer=normalizer)
+        loss = loss + vf_coef * vf_loss
+        stats.update({"loss/value": vf_loss.detach(), "value/clipfrac": vf_stats["vf_clipfrac"],
+                      "value/error": vf_stats["value_error"]})
+    else:
+        stats["loss/value"] = torch.zeros((), device=logprobs.device)
+    entropy = aggregate_loss(token_entropy, mask, loss_agg, normalizer)
+    loss = loss - ent_coef * entropy
+    if ref_logprobs is not None:
+        kl = aggregate_loss(kl_penalty(logprobs, ref_logprobs, kl_estimator, mask), mask, loss_agg, normalizer)
+        loss = loss + kl_coef * kl
+        stats["loss/kl"] = kl.detach()
+    valid = mask.bool()
+    stats.update({
+        "loss/total": loss.detach(),
+        "entropy": entropy.detach(),
+        "policy/clipfrac": pg_stats["clipfrac"],
+        "policy/approx_kl": pg_stats["approx_kl"],
+        # before any step this is 0 (ratio 1): otherwise rollout and training forwards disagree
+        "policy/ratio_max_dev": (logprobs.detach() - old_logprobs).exp().sub(1).abs().masked_fill(~valid, 0).max(),
+    })
+    return loss, stats
+
+
+def pairwise_loss(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of a reward model on preference pairs, and its accuracy.
+
+    chosen_scores, rejected_scores: (batch,) scores r_c, r_r; margin: (batch,) or a float m
+    that r_c must exceed r_r by (Touvron et al. 2023, Llama 2, eq. 2), default 0.
+
+        loss = mean(-log sigmoid(r_c - r_r - m)) + center_coef * mean((r_c + r_r)^2)
+
+    The second term pulls each pair's scores to sum to zero, so rewards stay centred
+    (Eisenstein et al. 2023, "Helping or Herding?", sec. 3). `logsigmoid` keeps the
+    first term finite for any score gap. Stats (detached): `accuracy`, the fraction of
+    pairs with r_c > r_r (a tie counts as wrong), and `margin`, the mean of r_c - r_r.
+    """
+    if chosen_scores.shape != rejected_scores.shape or chosen_scores.dim() != 1:
+        raise ValueError(
+            f"chosen and rejected scores must both be (batch,), got {tuple(chosen_scores.shape)} "
+            f"and {tuple(rejected_scores.shape)}"
+        )
+    gap = chosen_scores - rejected_scores
+    shifted = gap if margin is None else gap - torch.as_tensor(margin, dtype=gap.dtype, device=gap.device)
+    loss = -torch.nn.functional.logsigmoid(shifted).mean()
+    if center_coef:
+        loss = loss + center_coef * (chosen_scores + rejected_scores).pow(2).mean()
+    stats = {"accuracy": (gap > 0).float().mean().detach(), "margin": gap.mean().detach()}
+    return loss, stats

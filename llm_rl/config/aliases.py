@@ -1,0 +1,99 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Optional
+
+# Names TRL (PPOConfig, GRPOConfig, RewardConfig, ScriptArguments) and OpenRLHF users type, the key
+# they mean here, and what differs in meaning. Only suggested, never applied: a silent rename could
+# hide such a difference.
+ALIASES: dict[str, tuple[str, str]] = {
+    "per_device_train_batch_size": ("batch_size", "batch_size counts prompts per process per update; each gives "
+                                    "num_generations completions (TRL's GRPO counts completions)"),
+    "rollout_batch_size": ("batch_size", "batch_size is per process: OpenRLHF's rollout_batch_size / processes"),
+    "train_batch_size": ("num_mini_batches", "the optimizer steps num_mini_batches times per epoch over the rollout"),
+    "micro_train_batch_size": ("gradient_accumulation_steps",
+                               "micro-batch size = batch_size * num_generations / (num_mini_batches * "
+                               "gradient_accumulation_steps)"),
+    "max_completion_length": ("max_new_tokens", ""),
+    "response_length": ("max_new_tokens", ""),
+    "generate_max_len": ("max_new_tokens", ""),
+    "prompt_max_len": ("max_prompt_length", ""),
+    "beta": ("kl_coef", "the KL goes into the token rewards by default; kl_placement: loss puts it in the loss "
+                        "like GRPO's beta"),
+    "init_kl_coef": ("kl_coef", ""),
+    "adap_kl_ctrl": ("adaptive_kl", ""),
+    "target_kl": ("kl_target", "a KL per sequence that the adaptive controller steers towards"),
+    "epsilon": ("clip_range", "symmetric: there is no separate epsilon_high"),
+    "cliprange": ("clip_range", ""),
+    "eps_clip": ("clip_range", ""),
+    "cliprange_value": ("clip_range_value", ""),
+    "value_clip": ("clip_range_value", ""),
+    "num_ppo_epochs": ("ppo_epochs", ""),
+    "max_epochs": ("ppo_epochs", "passes over each rollout batch"),
+    "num_iterations": ("ppo_epochs", ""),
+    "lambd": ("lam", ""),
+    "entropy_coef": ("ent_coef", ""),
+    "loss_type": ("loss_agg", "token_mean is DAPO/BNPO-style, seq_mean_token_mean is GRPO-style"),
+    "scale_rewards": ("whiten_advantages", "grpo always divides by the group std"),
+    "n_samples_per_prompt": ("num_generations", ""),
+    "bf16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision bf16`); "
+                            "torch_dtype: bfloat16 is for a frozen LoRA base only (trained weights stay float32)"),
+    "fp16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision fp16`)"),
+    "lr": ("learning_rate", ""),
+    "actor_learning_rate": ("learning_rate", "one optimizer trains policy and value head; vf_coef weights the value loss"),
+    "critic_learning_rate": ("vf_coef", "the value head shares the policy's optimizer; vf_coef weights its loss"),
+    "max_norm": ("max_grad_norm", ""),
+    "l2": ("weight_decay", ""),
+    "warmup_ratio": ("warmup_steps", "warmup is counted in optimizer steps, not as a fraction"),
+    "lr_warmup_ratio": ("warmup_steps", "warmup is counted in optimizer steps, not as a fraction"),
+    "total_episodes": ("max_updates", "one update uses batch_size prompts per process"),
+    "max_steps": ("max_updates", "one update = one rollout and its PPO epochs"),
+    "num_episodes": ("num_train_epochs", "passes over the prompts"),
+    "sft_model_path": ("model_name_or_path", ""),
+    "pretrain": ("model_name_or_path", ""),
+    "ref_model_path": ("ref_model_name_or_path", ""),
+    "ref_pretrain": ("ref_model_name_or_path", ""),
+    "reward_model_path": ("reward_model_name_or_path", ""),
+    "reward_pretrain": ("reward_model_name_or_path", ""),
+    "value_model_path": ("value_model_name_or_path", "only a value head (value_head.safetensors) is read from it"),
+    "critic_pretrain": ("value_model_name_or_path", "only a value head (value_head.safetensors) is read from it"),
+    "prompt_data": ("dataset_name", ""),
+    "dataset_train_split": ("dataset_split", ""),
+    "dataset_test_split": ("eval_split", ""),
+    "eval_dataset": ("eval_dataset_name", ""),
+    "input_key": ("prompt_column", ""),
+    "lora_rank": ("lora_r", ""),
+    "target_modules": ("lora_target_modules", ""),
+    "stop_token_id": ("stop_token", "give the token's text"),
+    "save_path": ("output_dir", ""),
+    "ckpt_path": ("output_dir", "checkpoints go to OUTPUT_DIR/checkpoint-N"),
+    "load_checkpoint": ("resume_from_checkpoint", "'latest' or a checkpoint-N folder"),
+    "logging_first_step": ("logging_steps", ""),
+    "log_completions": ("log_completions_steps", "every N updates instead of a switch"),
+    "use_wandb": ("report_to", "report_to: wandb"),
+    "wandb_project": ("run_name", "the project comes from WANDB_PROJECT"),
+}
+
+
+def alias_hint(key: str, candidates: list[str], aliases: dict[str, tuple[str, str]]) -> Optional[str]:
+    """' Did you mean X? (note)' for a TRL/OpenRLHF name whose counterpart is among `candidates`."""
+    target, note = aliases.get(key, (None, ""))
+    if target not in candidates:
+        return None
+    return f" Did you mean {target}?{f' Note: {note}.' if note else ''}"
+
+
+def unknown_key_message(
+    key: str, source: str, candidates: list[str], section: Optional[str] = None,
+    help_command: str = "llm-rl ppo --help", aliases: Optional[dict[str, tuple[str, str]]] = None,
+) -> str:
+    """'unknown key' naming the key meant (TRL/OpenRLHF names, `aliases`), or the closest of the valid
+    keys `candidates` (those of `section` when one was given)."""
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    where = f" in section '{section}'" if section else ""
+    hint = alias_hint(key, candidates, ALIASES if aliases is None else aliases)
+    if hint is None:
+        hint = f" Did you mean: {', '.join(close)}?" if close else f" Run `{help_command}` for the list of keys."
+    return f"{source}: unknown key '{key}'{where}.{hint}"

@@ -1,0 +1,160 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from llm_rl.config.errors import ConfigError
+
+
+def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    optional = False
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(field_type) if a is not type(None)]
+        optional, field_type = True, args[0]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{key}' cannot be null")
+    if isinstance(value, str) and value.lower() in ("none", "null") and optional:
+        return None
+    if typing.get_origin(field_type) is Literal:
+        choices = typing.get_args(field_type)
+        if value not in choices:
+            raise ConfigError(
+                f"{source}: '{key}' is one of {', '.join(map(str, choices))}{' or null' if optional else ''}; "
+                f"got {value!r}"
+            )
+        return value
+    try:
+        if field_type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if field_type is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if field_type is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if math.isnan(out):
+                raise ValueError
+            return out
+        if field_type is str:
+            return str(value)
+        if typing.get_origin(field_type) is list or field_type is list:
+            if isinstance(value, str):
+                value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            (item_type,) = typing.get_args(field_type) or (None,)
+            return [coerce(v, item_type, key, source) for v in value] if item_type else list(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    name = getattr(field_type, "__name__", str(field_type))
+    raise ConfigError(f"{source}: '{key}' expects {name}{' or null' if optional else ''}, got {value!r}")
+
+
+def fill_from_yaml(config, path: Optional[str | Path], overrides: Optional[list[str]], field_types: dict[str, Any]):
+    """Update `config` (any config with update/validate) from a YAML file, then `--key value` overrides
+    (`field_types`: every key's type); validate."""
+    if path is not None:
+        config.update(load_yaml(path), source=str(path))
+    if overrides:
+        bools = frozenset(k for k, t in field_types.items() if t is bool)
+        config.update(parse_overrides(overrides, bools), source="command line")
+    config.validate()
+    return config
+
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def split_config_arg(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """(path of `--config FILE` or `--config=FILE`, wherever it stands; the other arguments)."""
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return path, rest
+
+
+def parse_overrides(args: list[str], bool_keys: frozenset[str] = frozenset()) -> dict:
+    """Command-line overrides as TrlParser users type them, values parsed as YAML scalars:
+
+    `--lr 1e-5` and `--lr=1e-5`; `--flag` (true) and `--no_flag` (false, for a boolean in
+    `bool_keys`); `--reward_funcs a b` (several values make a list).
+    """
+    values, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key, i = arg[2:], i + 1
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            raws = [raw]
+        else:
+            raws = []
+            while i < len(args) and not args[i].startswith("--"):
+                raws.append(args[i])
+                i += 1
+        key = key.replace("-", "_")
+        if not raws and key.startswith("no_") and key[3:] in bool_keys:
+            key, raws = key[3:], ["false"]
+        parsed = [yaml_scalar(raw) for raw in raws or ["true"]]  # a bare flag switches a boolean on
+        values[key] = parsed[0] if len(parsed) == 1 else parsed
+    return values
+
+
+def yaml_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def write_yaml(values: dict, path: str | Path) -> None:
+    """A config's values as YAML, in field order (the file saved beside a trained model)."""
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def option_lines(cls) -> list[str]:
+    """`--key  help [default: value]` for each field of a config dataclass: the `--help` listing."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name:<28} {f.metadata.get('help', '')} [default: {default}]")
+    return lines

@@ -1,0 +1,185 @@
+"""`llm-rl demo`: PPO teaches a tiny language model addition, on a CPU, in minutes, offline.
+
+    warm start (supervised, short) -> evaluate -> PPO -> evaluate -> table, summary.json, curves.png
+
+The tokenizer and model are built here, saved to OUTPUT_DIR/warm_start and loaded back
+through the same `from_pretrained` path a user's Hub model takes; the prompts are
+written to OUTPUT_DIR/data/train.jsonl and read through `datasets` like any user file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import set_seed
+
+from llm_rl.algorithms.kl import kl_penalty
+from llm_rl.config.sections import Config
+from llm_rl.models.value_head import CausalLMWithValueHead
+from llm_rl.sampling.rollout import logprobs_and_values
+from llm_rl.tasks import arithmetic
+from llm_rl.training import output_dir as run_dir
+from llm_rl.training.callbacks import Evaluate
+
+DEMO_CONFIG = Path(__file__).parent / "tasks" / "addition_ppo.yaml"
+
+
+@dataclass
+class DemoOptions:
+    output_dir: str = "outputs/demo"
+    seed: int = 0
+    warm_start_steps: int = 1500  # at most; stops once it reaches warm_start_accuracy
+    warm_start_accuracy: float = 0.45  # greedy exact match on training problems that ends the warm start
+    max_updates: Optional[int] = None  # default from the YAML recipe
+    num_digits: int = 2
+    num_heldout: int = 500
+    overwrite: bool = False
+    prepare_only: bool = False  # build the warm start and data, then stop (for recipes/configs/addition.yaml)
+
+
+def build_warm_start(train: Sequence[arithmetic.Problem], max_steps: int, seed: int, folder: Path,
+                     target_accuracy: float = 1.0) -> list[float]:
+    """Tokenizer + tiny GPT-2, supervised warm start; saved to `folder` (safetensors). Returns the losses."""
+    set_seed(seed)
+    tokenizer = arithmetic.build_tokenizer()
+    lm = arithmetic.build_model(tokenizer)
+    losses = arithmetic.supervised_warm_start(lm, tokenizer, train, max_steps, target_accuracy, seed=seed)
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
+             problems: Sequence[arithmetic.Problem], temperature: float = 1.0) -> dict:
+    """Held-out exact match and response length (greedy); on sampled responses, mean reward and
+    KL to the reference (k1, summed per sequence).
+
+    `reference`: a model, or a callable returning a context manager that yields one (a LoRA
+    policy's reference is the policy itself with the adapter disabled, only inside that context).
+    """
+    reference_context = reference if callable(reference) and not isinstance(reference, torch.nn.Module) else (
+        lambda: contextlib.nullcontext(reference))
+    answers = [p.answer for p in problems]
+    texts, greedy = arithmetic.complete(policy.pretrained_model, tokenizer, problems, greedy=True)
+    out = {"accuracy": sum(arithmetic.reward(None, texts, answers)) / len(problems),
+           "length": float(greedy.response_mask.sum(1).float().mean())}
+    texts, sampled = arithmetic.complete(policy.pretrained_model, tokenizer, problems, greedy=False,
+                                         temperature=temperature)
+    out["reward"] = sum(arithmetic.reward(None, texts, answers)) / len(problems)
+    logprobs, _ = logprobs_and_values(policy, sampled, temperature, chunk_size=len(problems))
+    with reference_context() as ref:
+        ref_logprobs, _ = logprobs_and_values(ref, sampled, temperature, chunk_size=len(problems), reference=True)
+    out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * sampled.response_mask).sum(1).mean())
+    return out
+
+
+def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dict:
+    from accelerate import Accelerator
+
+    from llm_rl.data.prompts import load_prompts
+    from llm_rl.models.loading import load_policy, load_tokenizer
+    from llm_rl.rewards.loading import load_rewards
+    from llm_rl.training.ppo_trainer import PPOTrainer
+
+    quiet_libraries()
+    start = time.perf_counter()
+    out_dir = Path(options.output_dir)
+    warm_dir, data_file = out_dir / "warm_start", out_dir / "data" / "train.jsonl"
+    config = Config.from_yaml(DEMO_CONFIG, overrides)
+    accelerator = Accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)
+    config.update({"model_name_or_path": str(warm_dir), "dataset_name": str(data_file), "seed": options.seed,
+                   "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite})
+    if options.max_updates is not None:
+        config.update({"max_updates": options.max_updates})
+    config.validate()
+
+    resuming = config.train.resume_from_checkpoint is not None and (warm_dir / "config.json").is_file()
+
+    # 1. warm start on the main process (not again when resuming); the others wait and load the result
+    train, heldout = arithmetic.make_splits(options.num_digits, 10 ** (2 * options.num_digits) - options.num_heldout,
+                                            options.num_heldout, seed=options.seed)
+    if accelerator.is_main_process and not resuming:
+        if run_dir.completed_work(out_dir) and not options.overwrite:
+            raise SystemExit(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
+                             "or another --output_dir")
+        print(f"[demo] warm start: supervised steps on {options.num_digits}-digit addition until "
+              f"{options.warm_start_accuracy:.0%} exact match on training problems (at most {options.warm_start_steps})")
+        losses = build_warm_start(train, options.warm_start_steps, options.seed, warm_dir, options.warm_start_accuracy)
+        (out_dir / "warm_start_steps.txt").write_text(f"{len(losses)}\n")
+        arithmetic.write_jsonl(train, data_file)
+    accelerator.wait_for_everyone()
+    t_warm = time.perf_counter() - start
+    if options.prepare_only:
+        if accelerator.is_main_process:
+            print(f"[demo] warm-started policy in {warm_dir}, prompts in {data_file}")
+        return {}
+
+    # 2. load it back like a user's model, and evaluate before RL (once: a resumed run reads it back)
+    set_seed(options.seed)
+    tokenizer = load_tokenizer(str(warm_dir))
+    policy = load_policy(config, tokenizer).to(accelerator.device)
+    reference = CausalLMWithValueHead.from_pretrained(str(warm_dir), value_head=False).to(accelerator.device)
+    before_file = out_dir / "eval_before.json"
+    if resuming and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(policy, reference, tokenizer, heldout, config.sampling.temperature)
+    if accelerator.is_main_process:
+        before_file.write_text(json.dumps(before) + "\n")
+        print(f"[demo] before PPO: {fmt(before)}")
+
+    # 3. PPO against the exact-match reward, held-out accuracy tracked during training
+    def held_out(trainer: PPOTrainer) -> dict:
+        return evaluate(trainer.accelerator.unwrap_model(trainer.model), trainer.reference, tokenizer, heldout,
+                        config.sampling.temperature)
+
+    trainer = PPOTrainer(config, policy, tokenizer, load_prompts(config, tokenizer), load_rewards(config),
+                         ref_model=reference, accelerator=accelerator, callbacks=[Evaluate(held_out)])
+    history = trainer.train()
+    last = history[-1] if history else {}
+    after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} or held_out(trainer)
+
+    seconds = time.perf_counter() - start
+    summary = {
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "reward_before": before["reward"], "reward_after": after["reward"],
+        "kl_before": before["kl"], "kl_after": after["kl"],
+        "length_before": before["length"], "length_after": after["length"],
+        "updates": trainer.update, "warm_start_steps": int((out_dir / "warm_start_steps.txt").read_text()),
+        "seconds_warm_start": t_warm, "seconds": seconds, "seed": options.seed,
+    }
+    if accelerator.is_main_process:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(results_table(before, after))
+        print(f"[demo] {seconds:.0f}s; policy, summary.json, metrics.jsonl and curves.png in {out_dir}")
+    return summary
+
+
+def quiet_libraries() -> None:
+    """The demo prints its own progress; silence per-file loading bars of transformers and datasets."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+
+def results_table(before: dict, after: dict) -> str:
+    rows = [("held-out exact match (greedy)", "accuracy"), ("mean reward (sampled)", "reward"),
+            ("KL to reference (per sequence)", "kl"), ("response length (tokens)", "length")]
+    lines = [f"{'':32}{'before':>10}{'after':>10}"]
+    lines += [f"{label:32}{before[key]:>10.3f}{after[key]:>10.3f}" for label, key in rows]
+    return "\n".join(lines)

@@ -1,0 +1,318 @@
+"""The policy: any causal LM plus a value head on the hidden state its lm head reads.
+
+One pass of the model's own forward gives both the next-token logits and V(x_t).
+Logits come out of that forward, so whatever the architecture does after its lm
+head (Gemma 2/3 softcapping, Granite's and Cohere's logit scaling, ...) is in the
+log-probs PPO trains on. The lm head runs only on the positions that predict
+response tokens (`logits_to_keep`), so prompt positions never pay for a
+(len, vocab) projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from llm_rl.config.errors import ModelLoadError
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, len) -> (batch, len): 0, 1, 2, ... counted over real tokens only.
+
+    Left padding shifts a prompt right; without this, absolute-position models
+    (GPT-2) would score a short prompt at other positions than it was sampled at.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# config fields and module attributes that hold a dropout probability, a layer-drop rate or
+# router noise: "attention_dropout", "resid_pdrop", "layerdrop", "router_jitter_noise", ...
+_STOCHASTIC_NAME = re.compile(r"drop|jitter", re.IGNORECASE)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Make every forward deterministic, whatever the config says, so the rollout's log-probs
+    equal the first training forward's (PPO ratio 1).
+
+    Zeroing `nn.Dropout` modules is not enough: many architectures read a float from the
+    config (Llama/Qwen/Mistral `attention_dropout`, Starcoder2's residual and embedding
+    dropout, OPT's `layerdrop`, Mixtral's router jitter) and apply it whenever the module is
+    in training mode. Those floats are zeroed on the configs and on the modules that copied them.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        _zero_stochastic_floats(module)
+        config = getattr(module, "config", None)
+        if config is not None:
+            _zero_config(config)
+
+
+def _zero_stochastic_floats(obj) -> None:
+    for name, value in list(vars(obj).items()):
+        if _STOCHASTIC_NAME.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            setattr(obj, name, 0.0)
+
+
+def _zero_config(config, seen: Optional[set] = None) -> None:
+    """Zero the stochastic floats of a transformers config and of its sub-configs (text_config, ...)."""
+    seen = seen if seen is not None else set()
+    if id(config) in seen or not hasattr(config, "to_dict"):
+        return
+    seen.add(id(config))
+    _zero_stochastic_floats(config)
+    for value in list(vars(config).values()):
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            _zero_config(value, seen)
+
+
+def unwrap_transformers_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class CausalLMWithValueHead(nn.Module):
+    """A causal LM (`pretrained_model`, possibly a peft model) and a linear value head.
+
+    `forward(input_ids, attention_mask, response_start)` returns logits and values at
+    the positions that predict tokens `response_start ...` of `input_ids`:
+    logits (batch, n, vocab), values (batch, n) with n = len - response_start.
+    """
+
+    def __init__(self, pretrained_model: nn.Module, value_head_init_std: float = 0.0, value_head: bool = True):
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        lm = unwrap_transformers_model(pretrained_model)
+        self.config = lm.config
+        # FSDP's transformer auto-wrap reads the layer classes from the model it is given
+        self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        if head is None or not hasattr(head, "in_features"):  # logits and V are read where the lm head is applied
+            raise ModelLoadError(
+                f"{type(lm).__name__} has no linear lm head (get_output_embeddings() gives {type(head).__name__}): "
+                "load a causal LM (AutoModelForCausalLM), not a base model or another head"
+            )
+        hidden_size = head.in_features
+        self.keeps_logits = accepts_logits_to_keep(lm)  # checked once: the forward's signature does not change
+        fuse_tanh_gelu(lm)
+        self.shares_prompts = can_share_prompts(lm)
+        self.v_head: Optional[nn.Linear] = None
+        if value_head:
+            # fp32 head: values feed a regression loss whose scale differs from the LM's.
+            self.v_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+            nn.init.normal_(self.v_head.weight, std=value_head_init_std) if value_head_init_std > 0 else nn.init.zeros_(
+                self.v_head.weight
+            )
+            nn.init.zeros_(self.v_head.bias)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, group_size: int = 1
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (batch, n, vocab) predicting the n response tokens after `response_start`, and the
+        values (batch, n) of the states before them (None without a value head).
+
+        `group_size` > 1: the rows come in consecutive groups with the same prompt (num_generations).
+        Every prompt token but the last then goes through the model once per group (`shared_prompt_cache`;
+        its gradient is the sum over the group), and each row's last prompt token and response run on
+        top: the same log-probs, values and gradients (to rounding), fewer tokens through the model."""
+        n = input_ids.shape[1] - response_start  # response positions
+        lm = unwrap_transformers_model(self.pretrained_model)
+        kwargs = {"logits_to_keep": n + 1} if self.keeps_logits else {}
+        position_ids = position_ids_from_mask(attention_mask)
+        # gradient checkpointing turns transformers' cache off in training, which would drop the shared part
+        checkpointing = lm.training and getattr(lm, "is_gradient_checkpointing", False)
+        if group_size > 1 and response_start > 1 and self.shares_prompts and not checkpointing:
+            shared = response_start - 1
+            kwargs["past_key_values"] = shared_prompt_cache(
+                self.pretrained_model, input_ids[:, :shared], attention_mask[:, :shared], group_size
+            )
+            input_ids, position_ids = input_ids[:, shared:], position_ids[:, shared:]
+        with reading_lm_head_input(lm, enabled=self.v_head is not None) as head_input:
+            logits = self.pretrained_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache="past_key_values" in kwargs,
+                **kwargs,
+            ).logits
+        # position t predicts token t+1: keep the positions that predict the response.
+        logits = logits[:, -(n + 1) : -1]  # (batch, n, vocab)
+        values = None
+        if self.v_head is not None:
+            hidden = head_input[0][:, -(n + 1) : -1]  # (batch, n, hidden): what the lm head read
+            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (batch, n)
+        return logits, values
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, state_dict: Optional[dict] = None, merge_adapter: bool = False
+    ) -> None:
+        """Write the policy as a plain HF causal LM (or peft adapter) and the value head beside it.
+
+        `state_dict`: this module's full state dict when the weights live elsewhere
+        (gathered from ZeRO-3 / FSDP shards by `accelerator.get_state_dict`).
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        lm_state = {k.removeprefix("pretrained_model."): v for k, v in state_dict.items() if k.startswith("pretrained_model.")}
+        head_state = {k.removeprefix("v_head."): v for k, v in state_dict.items() if k.startswith("v_head.")}
+        model = self.pretrained_model
+        if merge_adapter and hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+            lm_state = None
+        model.save_pretrained(save_directory, state_dict=lm_state)  # safetensors
+        if head_state:
+            save_file({k: v.detach().contiguous().cpu() for k, v in head_state.items()}, save_directory / VALUE_HEAD_FILE)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        value_head_path: Optional[str] = None,
+        value_head_init_std: float = 0.0,
+        value_head: bool = True,
+        torch_dtype: str = "float32",
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> CausalLMWithValueHead:
+        """Load a causal LM by Hub id or folder; restore `value_head.safetensors` if it is there."""
+        lm, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code, output_loading_info=True,
+            **kwargs,
+        )
+        if info["missing_keys"]:  # randomly initialised weights: the policy would not be the checkpoint
+            missing = sorted(info["missing_keys"])
+            raise ModelLoadError(
+                f"{name_or_path} has no weights for {', '.join(missing[:5])}"
+                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+                + ": they would start random. Give a causal LM checkpoint (AutoModelForCausalLM) that holds them."
+            )
+        model = cls(lm, value_head_init_std=value_head_init_std, value_head=value_head)
+        head_file = find_value_head(value_head_path or name_or_path)
+        if value_head and head_file is not None:
+            model.v_head.load_state_dict(load_file(head_file))
+        return model
+
+
+def fuse_tanh_gelu(model: nn.Module) -> int:
+    """Replace transformers' `NewGELUActivation` (GPT-2, GPT-J, CodeGen, ...: `gelu_new`, four elementwise ops
+    and their four backward ops) by `nn.GELU(approximate="tanh")`, the same function in one kernel each way
+    (outputs equal to ~1e-7). Returns how many modules were replaced."""
+    from transformers.activations import NewGELUActivation
+
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+                count += 1
+    return count
+
+
+def can_share_prompts(lm: nn.Module) -> bool:
+    """Whether a group's common prompt can be run once and its keys and values repeated to the group's rows
+    (`shared_prompt_cache`): decoders whose generate uses transformers' DynamicCache, every layer of which
+    can be repeated (not the recurrent state of Mamba-style layers)."""
+    from transformers import DynamicCache
+
+    if not getattr(lm, "_supports_default_dynamic_cache", lambda: False)() or lm.config.is_encoder_decoder:
+        return False
+    return all(hasattr(layer, "batch_repeat_interleave") for layer in DynamicCache(config=lm.config).layers)
+
+
+def shared_prompt_cache(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+    """The KV cache of `prompt_ids` (batch, len), whose rows come in consecutive groups of `group_size` copies
+    of one prompt, computed on one row per group and repeated to every row (differentiably). A forward or
+    `generate` given it runs only the tokens after the prompt. Raises ValueError if a group's rows differ."""
+    from transformers import DynamicCache
+
+    grouped = prompt_ids.view(-1, group_size, prompt_ids.shape[1])
+    if not bool((grouped == grouped[:, :1]).all()):
+        raise ValueError(f"rows in groups of {group_size} must repeat one prompt each to share its forward")
+    ids, mask = prompt_ids[::group_size], prompt_mask[::group_size]
+    lm = unwrap_transformers_model(model)
+    cache = DynamicCache(config=lm.config)
+    kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
+    model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), past_key_values=cache,
+          use_cache=True, **kwargs)
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
+def accepts_logits_to_keep(lm: nn.Module) -> bool:
+    """Whether the model's forward can skip the lm head on positions we do not need."""
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+@contextlib.contextmanager
+def reading_lm_head_input(lm: nn.Module, enabled: bool = True):
+    """Yield a list that holds, after the forward, the hidden states (batch, kept, hidden) the
+    lm head was applied to: the value head reads exactly the state the logits come from
+    (after the final norm and any architecture-specific scaling before the head)."""
+    captured: list[torch.Tensor] = []
+    if not enabled:
+        yield captured
+        return
+    handle = lm.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def find_value_head(name_or_path: str) -> Optional[str]:
+    """Path of a saved value head in a local folder or Hub repo, or None if there is none."""
+    local = Path(name_or_path) / VALUE_HEAD_FILE
+    if local.is_file():
+        return str(local)
+    if Path(name_or_path).exists():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(name_or_path, VALUE_HEAD_FILE)
+    except Exception:  # not on the Hub, offline, or no head saved: start a fresh head
+        return None
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module, accelerator):
+    """Yield the policy's transformers model with full weights for `generate`.
+
+    ZeRO-3 and FSDP shard parameters; gathering them per generated token would cost
+    one all-gather per layer per token, so they are gathered once for the whole rollout.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield unwrapped.pretrained_model
+        return
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(model, FSDP):
+            with FSDP.summon_full_params(model, writeback=False, recurse=True):
+                yield unwrapped.pretrained_model
+            return
+    yield unwrapped.pretrained_model

@@ -1,0 +1,219 @@
+"""Multi-turn episodes: the policy talks with an environment for several turns.
+
+An environment is any class with
+
+    reset(row: dict) -> observation                     # the first user turn, from the dataset row
+    step(response: str) -> (observation | None, reward: float, done: bool)
+
+where an observation is text, or chat messages (a list of {"role", "content"}) when the data is chat.
+One instance serves one episode. It is named in the config as "package.module:Class" or
+"path/to/file.py:Class" (`environment`), like a reward function.
+
+One sequence holds the whole episode: the first observation (left-padded, as a prompt), then bot
+turns and observations. `action_mask` marks the bot's tokens: only they get log-probs in the loss,
+KL, values, advantages and entropy; observations are context. Each turn's reward sits on the last
+token of that turn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Protocol, Union
+
+import torch
+
+from llm_rl.algorithms.ops import left_pad, right_pad
+from llm_rl.config.errors import UserError
+from llm_rl.sampling.hf import generate_responses
+
+Observation = Union[str, list]
+
+
+class Environment(Protocol):
+    def reset(self, row: dict) -> Observation: ...
+
+    def step(self, response: str) -> tuple[Optional[Observation], float, bool]: ...
+
+
+class EpisodeError(UserError):
+    """An environment that does not keep the protocol; the message names it."""
+
+    label = "environment error"
+
+
+@dataclass
+class Episodes:
+    """A batch of finished episodes, aligned like a single-turn rollout (see llm_rl.sampling.rollout.Rollout)."""
+
+    prompt_ids: torch.Tensor  # (batch, prompt_len) the first observation, left-padded
+    prompt_mask: torch.Tensor  # (batch, prompt_len)
+    response_ids: torch.Tensor  # (batch, len) bot turns and later observations, right-padded
+    response_mask: torch.Tensor  # (batch, len) 1 on real tokens
+    action_mask: torch.Tensor  # (batch, len) 1 on the bot's tokens
+    turn_rewards: torch.Tensor  # (batch, len) each turn's reward on that turn's last token
+    turn_ends: torch.Tensor  # (batch, len) bool: last token of each bot turn
+    ended: torch.Tensor  # (batch,) bool: the environment said done (else cut: bootstrap from V)
+    num_turns: torch.Tensor  # (batch,) bot turns taken
+    prompts: list  # first observations as text
+    transcripts: list  # each episode's text after the first observation
+
+
+class _Conversation:
+    """One episode's tokens so far and how to append observations (plain text or chat template)."""
+
+    def __init__(self, tokenizer, first: Observation):
+        self.tokenizer = tokenizer
+        self.chat = isinstance(first, list)
+        if self.chat:
+            if tokenizer.chat_template is None:
+                raise EpisodeError("the environment returns chat messages but the tokenizer has no chat_template")
+            self.messages = list(first)
+            self.prompt_text = tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+            self.prompt = tokenizer(self.prompt_text, add_special_tokens=False).input_ids
+        else:
+            self.prompt_text = str(first)
+            self.prompt = tokenizer(self.prompt_text).input_ids
+        self.tokens: list[int] = []  # after the prompt
+        self.actions: list[int] = []
+        self.rewards: list[float] = []
+        self.turn_ends: list[bool] = []
+        self.turns = 0
+        self.done = False
+        self.cut = False
+
+    def context(self) -> list[int]:
+        return self.prompt + self.tokens
+
+    def add_response(self, ids: list[int], text: str, reward: float) -> None:
+        self.tokens += ids
+        self.actions += [1] * len(ids)
+        self.rewards += [0.0] * (len(ids) - 1) + [float(reward)]
+        self.turn_ends += [False] * (len(ids) - 1) + [True]
+        self.turns += 1
+        if self.chat:
+            self.response_ids, self.response_text = ids, text
+
+    def add_observation(self, observation: Observation) -> None:
+        ids = self._observation_ids(observation)
+        self.tokens += ids
+        self.actions += [0] * len(ids)
+        self.rewards += [0.0] * len(ids)
+        self.turn_ends += [False] * len(ids)
+
+    def _observation_ids(self, observation: Observation) -> list[int]:
+        if not self.chat:
+            return self.tokenizer(str(observation), add_special_tokens=False).input_ids
+        new = [{"role": "user", "content": observation}] if isinstance(observation, str) else list(observation)
+        before = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        self.messages.append({"role": "assistant", "content": self.response_text})
+        with_reply = self.tokenizer.apply_chat_template(self.messages, tokenize=False)
+        self.messages += new
+        after = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        # the template's rendering of the reply may close it with more than the stop token the policy
+        # emitted (Qwen: "<|im_end|>\n"); what the policy did not write belongs to the observation
+        generated = self.tokenizer.decode(self.response_ids, skip_special_tokens=False)
+        rendered_reply = with_reply[len(before):]
+        leftover = rendered_reply[len(generated):] if rendered_reply.startswith(generated) else ""
+        return self.tokenizer(leftover + after[len(with_reply):], add_special_tokens=False).input_ids
+
+
+def checked_step(environment, response: str) -> tuple[Optional[Observation], float, bool]:
+    """environment.step(response), with its output checked: a clear error instead of a NaN in the loss."""
+    name = type(environment).__name__
+    out = environment.step(response)
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise EpisodeError(f"{name}.step must return (observation or None, reward, done), got {out!r}")
+    observation, reward, done = out
+    try:
+        reward = float(reward)
+    except (TypeError, ValueError):
+        raise EpisodeError(f"{name}.step returned reward {reward!r}; it must be a float") from None
+    if not math.isfinite(reward):
+        raise EpisodeError(f"{name}.step returned a non-finite reward ({reward}) for the reply {response!r}")
+    if not done and observation is None:
+        raise EpisodeError(f"{name}.step returned no observation but done=False; return the user's next turn")
+    return observation, reward, bool(done)
+
+
+
+
+@torch.no_grad()
+def run_episodes(
+    lm,
+    tokenizer,
+    environments: list,
+    rows: list[dict],
+    *,
+    max_turns: int,
+    max_episode_tokens: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop_token_ids: list[int],
+    chunk_size: int,
+    do_sample: bool = True,
+    device=None,
+    max_prompt_length: Optional[int] = None,
+) -> Episodes:
+    """Play one episode per environment, all turns of all episodes batched: each turn, the episodes
+    still running generate together (KV cache within the turn), then each environment answers."""
+    pad = tokenizer.pad_token_id
+    episodes = [_Conversation(tokenizer, env.reset(row)) for env, row in zip(environments, rows)]
+    for env, ep in zip(environments, episodes):
+        if max_prompt_length is not None and len(ep.prompt) > max_prompt_length:
+            raise EpisodeError(
+                f"{type(env).__name__}.reset returned a first observation of {len(ep.prompt)} tokens, over "
+                f"max_prompt_length={max_prompt_length}: raise max_prompt_length or shorten it"
+            )
+    for _ in range(max_turns):
+        running = [i for i, ep in enumerate(episodes) if not ep.done and not ep.cut]
+        if not running:
+            break
+        budget = min(max_new_tokens, max(max_episode_tokens - len(episodes[i].tokens) for i in running))
+        ids, mask = left_pad([episodes[i].context() for i in running], pad)
+        response_ids, response_mask, ended = generate_responses(
+            lm, ids.to(device), mask.to(device), max_new_tokens=budget, temperature=temperature, top_k=top_k,
+            top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad, chunk_size=chunk_size, do_sample=do_sample,
+        )
+        lengths = response_mask.sum(dim=1).tolist()
+        for row, i in enumerate(running):
+            ep = episodes[i]
+            reply = response_ids[row, : lengths[row]].tolist()[: max(max_episode_tokens - len(ep.tokens), 1)]
+            stopped = bool(ended[row]) and reply[-1] in stop_token_ids
+            text = tokenizer.decode(reply[:-1] if stopped else reply, skip_special_tokens=True)
+            observation, reward, done = checked_step(environments[i], text)
+            ep.add_response(reply, text, reward)
+            if done:
+                ep.done = True
+                continue
+            ep.add_observation(observation)
+            ep.cut = len(ep.tokens) >= max_episode_tokens
+    prompt_ids, prompt_mask = left_pad([ep.prompt for ep in episodes], pad)
+    width = max(max(len(ep.tokens) for ep in episodes), 1)
+    return Episodes(
+        prompt_ids=prompt_ids.to(device),
+        prompt_mask=prompt_mask.to(device),
+        response_ids=right_pad([ep.tokens for ep in episodes], width, pad, torch.long).to(device),
+        response_mask=right_pad([[1] * len(ep.tokens) for ep in episodes], width, 0, torch.long).to(device),
+        action_mask=right_pad([ep.actions for ep in episodes], width, 0, torch.long).to(device),
+        turn_rewards=right_pad([ep.rewards for ep in episodes], width, 0.0, torch.float32).to(device),
+        turn_ends=right_pad([ep.turn_ends for ep in episodes], width, False, torch.bool).to(device),
+        ended=torch.tensor([ep.done for ep in episodes], device=device),
+        num_turns=torch.tensor([ep.turns for ep in episodes], device=device),
+        prompts=[ep.prompt_text for ep in episodes],
+        transcripts=[tokenizer.decode(ep.tokens, skip_special_tokens=False) for ep in episodes],
+    )
+
+
+def load_environment(spec: str) -> type:
+    """'package.module:Class' or 'path/to/file.py:Class' -> the class; checked for reset and step."""
+    from llm_rl.config.specs import import_from_spec
+
+    cls = import_from_spec(spec, "environment", EpisodeError)
+    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise EpisodeError(f"environment {spec!r} has no {' or '.join(missing)} method: it needs reset(row) -> "
+                           "observation and step(response) -> (observation or None, reward, done)")
+    return cls

@@ -1,0 +1,717 @@
+"""PPOTrainer: the loop. Each phase is one short method that returns a value; the maths are pure functions.
+
+    rollout = self.rollout(prompts)                    # 1. Rollout: sampled tokens, old + reference log-probs
+    scores = self.score(rollout)                       # 2. Scores: every reward, shaped
+    targets = self.targets(rollout, scores)            # 4. Targets: KL, token rewards, advantages, returns
+    stats = self.optimize(rollout, targets)            # 5. ppo_epochs x num_mini_batches x grad accumulation
+    metrics = self.update_metrics(...)                 # 6. adapt beta, evaluate, callbacks; then log, save
+
+Step 3 is the fused update (one epoch over one micro-batch): the training forward, taken before any
+step, gives the old log-probs and values, and `optimize` reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+
+from llm_rl.algorithms.advantages import ESTIMATORS
+from llm_rl.algorithms.kl import AdaptiveKLController, FixedKLController
+from llm_rl.algorithms.losses import loss_normalizer, ppo_objective
+from llm_rl.algorithms.ops import entropy_from_logits
+from llm_rl.algorithms.scores import Scores, shape_scores
+from llm_rl.algorithms.targets import Targets, compute_targets
+from llm_rl.config.errors import ConfigError
+from llm_rl.config.sections import Config
+from llm_rl.data.prompts import PromptData, PromptSampler
+from llm_rl.models.forward import forward_logprobs
+from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout, gathered_for_generation
+from llm_rl.reporting.hub import model_card
+from llm_rl.reporting.metrics import log_table, write_completions
+from llm_rl.reporting.plotting import plot_training_curves
+from llm_rl.rewards.functions import RewardFn, check_rewards, compute_rewards
+from llm_rl.rewards.model import RewardModel, prefix_scores
+from llm_rl.sampling.episodes import Episodes, load_environment, run_episodes
+from llm_rl.sampling.hf import generate_responses
+from llm_rl.sampling.rollout import Rollout, bootstrap_values, decode_responses, logprobs_and_values
+from llm_rl.training import output_dir as run_dir
+from llm_rl.training.callbacks import TrainerCallback
+from llm_rl.training.evaluation import Evaluator
+from llm_rl.training.run import TrainingRun
+
+RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
+# training metrics that are shares of their mini-batch's mean: summed over micro-batches and processes
+SHARE_STATS = ("loss/policy", "loss/value", "loss/kl", "loss/total", "entropy")
+
+
+class PPOTrainer(TrainingRun):
+    """Train `policy` (a CausalLMWithValueHead) with PPO against `rewards` on `prompts`.
+
+    `ref_model`: frozen reference for the KL penalty; by default a copy of the initial policy, or,
+    when the policy is a peft (LoRA) model, the policy itself with its adapter disabled (no copy).
+    `callbacks`: `llm_rl.training.callbacks.TrainerCallback`s, e.g. a held-out evaluation (`on_evaluate`, logged
+    under `eval/`) or a benchmark's timer (`on_update_end`).
+    Accelerator, output folder, logging, checkpoints and the saved model: `llm_rl.training.run.TrainingRun`.
+    """
+
+    name = "ppo"
+    step_key = "update"
+    hub_commit_message = "llm_rl PPO"
+
+    def __init__(
+        self,
+        config: Config,
+        policy: CausalLMWithValueHead,
+        tokenizer,
+        prompts: PromptData,
+        rewards: list[RewardFn],
+        ref_model: Optional[CausalLMWithValueHead] = None,
+        accelerator: Optional[Accelerator] = None,
+        callbacks: Sequence[TrainerCallback] = (),
+        eval_prompts: Optional[PromptData] = None,
+        eval_rewards: Optional[list[RewardFn]] = None,
+    ):
+        config.validate()
+        # multi-turn: an environment plays each episode and gives its rewards (llm_rl.sampling.episodes)
+        spec = config.environment.environment
+        self.environment = load_environment(spec) if spec is not None else None
+        if not rewards and self.environment is None:
+            raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs")
+        if rewards:
+            check_rewards(rewards, list(prompts.columns))
+        self.evaluator = None
+        if eval_prompts is not None:  # the training rewards and weights unless eval rewards are given
+            check_rewards(eval_rewards or rewards, list(eval_prompts.columns))
+            weights = None if eval_rewards else config.reward.reward_weights
+            self.evaluator = Evaluator(eval_prompts, eval_rewards or rewards, weights, config.train.eval_decoding)
+        self.config, self.tokenizer, self.prompts, self.rewards = config, tokenizer, prompts, rewards
+        self.callbacks = list(callbacks)
+        ppo, train = config.ppo, config.train
+        super().__init__(config, train, ppo.gradient_accumulation_steps, accelerator)  # folder checked, resume found
+
+        # ---- sizes: derived once, here, never changed later
+        self.rollout_rows = ppo.batch_size * ppo.num_generations  # rows per process per update
+        self.micro_batch_size = self.rollout_rows // (ppo.num_mini_batches * ppo.gradient_accumulation_steps)
+        self.mini_batch_size = self.micro_batch_size * ppo.gradient_accumulation_steps
+        self.generation_batch_size = config.sampling.generation_batch_size or self.rollout_rows
+        # one epoch over one micro-batch: the training forward, taken before any step, *is* the
+        # old policy, so it also gives the old log-probs and values and the rollout skips that pass
+        self.fused = ppo.ppo_epochs == 1 and ppo.num_mini_batches == 1 and ppo.gradient_accumulation_steps == 1
+        self.sampler = PromptSampler(len(prompts), ppo.batch_size, self.accelerator.num_processes,
+                                     self.accelerator.process_index, train.seed, config.data.shuffle)
+        self.num_updates = train.max_updates or max(1, int(train.num_train_epochs * self.sampler.updates_per_epoch))
+        self.stop_token_ids = self._stop_token_ids()
+        self.prefix_reward_model = self._prefix_reward_model() if ppo.advantage_estimator == "prefix_diff" else None
+        # the reference's log-probs are read by the KL penalty only: with kl_coef 0 (and no adaptive
+        # controller to raise it) no reference is kept or run
+        self.uses_reference = ppo.kl_coef > 0 or ppo.adaptive_kl
+        self._prepare_models(policy, ref_model)
+        self.kl_controller = (
+            AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
+            else FixedKLController(ppo.kl_coef)
+        )
+        # minibatch shuffling: same seed on every rank (same schedule), independent of sampling RNG
+        self.shuffle_generator = torch.Generator().manual_seed(train.seed)
+        set_seed(train.seed, device_specific=True)  # ranks sample different responses
+
+    def _prepare_models(self, policy: CausalLMWithValueHead, ref_model: Optional[CausalLMWithValueHead]) -> None:
+        """Policy (with its optimizer and schedule), reference and reward models on their devices; dropout
+        off, so that the rollout and the first training forward agree (ratio 1)."""
+        ppo = self.config.ppo
+        needs_values = ESTIMATORS[ppo.advantage_estimator].needs_values
+        if needs_values != (policy.v_head is not None):
+            raise ConfigError(
+                f"advantage_estimator {ppo.advantage_estimator} "
+                + ("needs the policy's value head" if needs_values
+                   else "trains no value head: load the policy with value_head=False")
+            )
+        disable_dropout(policy)
+        uses_adapter = hasattr(policy.pretrained_model, "disable_adapter")  # peft: reference = adapter off
+        if not self.uses_reference:
+            ref_model = None
+        elif ref_model is None and not uses_adapter:
+            ref_model = CausalLMWithValueHead(copy.deepcopy(policy.pretrained_model), value_head=False)
+        if ref_model is not None:
+            disable_dropout(ref_model)
+            ref_model.requires_grad_(False).eval()
+        if self.config.model.gradient_checkpointing:
+            policy.pretrained_model.gradient_checkpointing_enable()
+        check_master_weights(policy)
+        # optimizer steps of this run (num_updates already reflects the process count)
+        steps = self.num_updates * ppo.ppo_epochs * ppo.num_mini_batches
+        self.prepare_training(policy, ppo, steps, trainable_only=uses_adapter)
+        self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
+        for reward in self.rewards:
+            if hasattr(reward, "to"):
+                reward.to(self.accelerator.device)
+
+    # ================================================================== setup helpers
+    def _stop_token_ids(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        stop = self.config.sampling.stop_token
+        if stop is not None:
+            stop_ids = self.tokenizer.convert_tokens_to_ids([stop])
+            if stop_ids[0] is None or stop_ids[0] == self.tokenizer.unk_token_id:
+                raise ConfigError(f"stop_token {stop!r} is not a single token of the tokenizer")
+            ids += stop_ids
+        if not ids:
+            raise ConfigError("the tokenizer has no eos_token and no stop_token is set: responses could never end")
+        if self.tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; llm_rl.models.loading.load_tokenizer adds one")
+        return ids
+
+    def _prefix_reward_model(self) -> RewardModel:
+        """prefix_diff reads the reward model at every response position: it must share the policy's tokens."""
+        model = next((r for r in self.rewards if isinstance(r, RewardModel)), None)
+        if model is None:
+            raise ConfigError("advantage_estimator prefix_diff needs a reward model (reward_model_name_or_path)")
+        if model.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                "advantage_estimator prefix_diff scores the policy's own tokens: the reward model must use the "
+                "policy's tokenizer (same vocabulary)"
+            )
+        return model
+
+    def _prepare_reference(self, ref_model: CausalLMWithValueHead) -> CausalLMWithValueHead:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            # ZeRO-3 shards every model it runs; the frozen reference takes an inference engine
+            return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return ref_model.to(self.accelerator.device)
+
+    # ================================================================== the loop
+    def train(self) -> list[dict]:
+        """Run `num_updates` PPO updates; returns the per-update metrics."""
+        self.start(self.num_updates)  # trackers, resume, progress bar
+        history = []
+        batches = iter(self.sampler)
+        self.train_start, self.eval_seconds = time.perf_counter(), 0.0  # the time budget excludes evaluation
+        while self.update < self.num_updates:
+            start = time.perf_counter()
+            # 1. sample responses; the old policy's (unless fused) and the reference's log-probs of them
+            rollout, timing = self.rollout(self.prompts.batch(next(batches)))
+            with timed(timing, "time/reward"):
+                scores = self.score(rollout)  # 2. rewards -> scores
+            with timed(timing, "time/train"):
+                first_forward = None
+                if self.fused:  # 3. one epoch over one micro-batch: the training forward, before any step, is the old policy
+                    first_forward = self.forward(rollout, grouped=True)
+                    rollout = with_old_policy(rollout, first_forward)
+                targets = self.targets(rollout, scores)  # 4. KL, token rewards, advantages, value targets
+                train_stats = self.optimize(rollout, targets, first_forward)  # 5. the PPO epochs
+            self.update += 1
+            # 6. metrics (the KL coefficient adapts, due evaluations run), logs, samples, checkpoint
+            metrics = self.update_metrics(rollout, scores, targets, {**train_stats, **timing}, start)
+            history.append(metrics)
+            self.bar.update(1)
+            self.log(metrics, summary_line(metrics) if self.due(self.config.train.logging_steps, at_end=True) else None)
+            self.log_completions_if_due(rollout, scores, targets)
+            if self.checkpoint_if_due(metrics["time/elapsed"]):  # out of time
+                break
+        self.finish()  # model, card, curves, Hub push, trackers closed
+        for callback in self.callbacks:
+            callback.on_train_end(self, history)
+        return history
+
+    def update_metrics(self, rollout: Rollout, scores: Scores, targets: Targets, stats: dict, start: float) -> dict:
+        """This update's metrics: the rollout's over every process, training `stats` and times, held-out
+        numbers when due, and what callbacks add. Adapts the KL coefficient to the measured KL."""
+        train = self.config.train
+        metrics = {**self.rollout_metrics(rollout, scores, targets), **stats}
+        if "kl/per_sequence" in metrics:  # the horizon counts samples: the rows of every process
+            self.kl_controller.update(metrics["kl/per_sequence"], self.sampler.global_batch * self.config.ppo.num_generations)
+        metrics["time/update"] = time.perf_counter() - start
+        metrics["time/elapsed"] = time.perf_counter() - self.train_start - self.eval_seconds
+        metrics["tokens_per_second"] = metrics["response/tokens"] / metrics["time/update"]
+        if self.due(train.eval_steps, at_end=True):
+            t0 = time.perf_counter()
+            metrics.update(self.evaluate())
+            self.eval_seconds += time.perf_counter() - t0
+        metrics = {"update": self.update, **metrics}
+        for callback in self.callbacks:
+            callback.on_update_end(self, metrics)
+        return metrics
+
+    def log_completions_if_due(self, rollout: Rollout, scores: Scores, targets: Targets) -> None:
+        """Sample completions every log_completions_steps (multi-turn: every logging_steps unless set)."""
+        train = self.config.train
+        every = train.log_completions_steps or (train.logging_steps if self.environment is not None else 0)
+        if every and self.due(every, at_end=False):
+            self.log_completions(rollout, scores, targets)
+
+    def checkpoint_if_due(self, elapsed: float) -> bool:
+        """Save every save_steps updates, at the end, and when max_seconds is spent; returns whether it is."""
+        train = self.config.train
+        out_of_time = train.max_seconds is not None and self.global_mean(
+            {"elapsed": torch.tensor(elapsed)})["elapsed"] > train.max_seconds  # every rank decides the same
+        if self.due(train.save_steps, at_end=True) or out_of_time:
+            self.save_checkpoint()
+        return out_of_time
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out numbers under eval/: the config's evaluation set (`llm_rl.training.evaluation`), then the
+        callbacks' `on_evaluate`. Empty when neither is there."""
+        out = self.evaluator(self) if self.evaluator is not None else {}
+        for callback in self.callbacks:
+            out.update({f"eval/{k}": v for k, v in callback.on_evaluate(self).items()})
+        return out
+
+    # ================================================================== phases
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> tuple[Rollout, dict]:
+        """Phase 1: sample `num_generations` responses to each prompt of `batch` (on consecutive rows), then
+        take what the old policy (unless the update is fused) and the reference say about them."""
+        acc, sampling = self.accelerator, self.config.sampling
+        if self.environment is not None:
+            return self.play_episodes(batch["rows"])
+        repeat = self.config.ppo.num_generations  # a prompt's completions sit on consecutive rows
+
+        def repeated(items: list) -> list:
+            return [item for item in items for _ in range(repeat)]
+
+        prompt_ids = batch["prompt_ids"].repeat_interleave(repeat, 0).to(acc.device)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(repeat, 0).to(acc.device)
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped.eval()
+        t0 = time.perf_counter()
+        # sampled under the same autocast as the forwards that score the tokens
+        with gathered_for_generation(self.model, acc) as lm, acc.autocast():
+            response_ids, response_mask, ended = generate_responses(
+                lm, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                top_k=sampling.top_k, top_p=sampling.top_p, stop_token_ids=self.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id, chunk_size=self.generation_batch_size,
+                group_size=self.prompt_group_size,
+            )
+        t1 = time.perf_counter()
+        rollout = Rollout(
+            prompt_ids, prompt_mask, response_ids, response_mask, ended,
+            prompts=repeated(batch["prompts"]), prompt_messages=repeated(batch["prompt_messages"]),
+            completions=decode_responses(self.tokenizer, response_ids, response_mask, ended),
+            columns={name: repeated(values) for name, values in batch["columns"].items()},
+        )
+        rollout = self.old_and_reference_logprobs(rollout)
+        unwrapped.train()
+        return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
+
+    @torch.no_grad()
+    def play_episodes(self, rows: list[dict]) -> tuple[Rollout, dict]:
+        """Phase 1, multi-turn: one environment per episode (num_generations per row), every turn batched.
+        The bot's tokens are the actions (response_mask); observations are context (context_mask)."""
+        acc, sampling, env = self.accelerator, self.config.sampling, self.config.environment
+        rows = [row for row in rows for _ in range(self.config.ppo.num_generations)]
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped.eval()
+        t0 = time.perf_counter()
+        with gathered_for_generation(self.model, acc) as lm, acc.autocast():
+            episodes: Episodes = run_episodes(
+                lm, self.tokenizer, [self.environment() for _ in rows], rows, max_turns=env.max_turns,
+                max_episode_tokens=env.max_episode_tokens, max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                stop_token_ids=self.stop_token_ids, chunk_size=self.generation_batch_size, device=acc.device,
+                max_prompt_length=self.config.data.max_prompt_length,
+            )
+        t1 = time.perf_counter()
+        rollout = Rollout(
+            episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.action_mask, episodes.ended,
+            context_mask=episodes.response_mask, turn_ends=episodes.turn_ends, num_turns=episodes.num_turns,
+            turn_scores=episodes.turn_rewards, prompts=episodes.prompts, completions=episodes.transcripts,
+        )
+        rollout = self.old_and_reference_logprobs(rollout)
+        if unwrapped.v_head is not None:  # an episode cut before done goes on from V of its next state
+            with acc.autocast():
+                values = bootstrap_values(self.model, rollout, self.micro_batch_size)
+            rollout = dataclasses.replace(rollout, final_values=values * (~rollout.ended).float())
+        unwrapped.train()
+        return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
+
+    @torch.no_grad()
+    def old_and_reference_logprobs(self, rollout: Rollout) -> Rollout:
+        """The rollout with its reference log-probs (when something reads them) and, unless the update is
+        fused (its training forward gives them), the old policy's log-probs and values."""
+        temperature, rows, group = self.config.sampling.temperature, self.micro_batch_size, self.prompt_group_size
+        logprobs = values = ref_logprobs = None
+        with self.accelerator.autocast():
+            if not self.fused:  # through the prepared model: FSDP/ZeRO-3 gather their shards per layer
+                logprobs, values = logprobs_and_values(self.model, rollout, temperature, rows, group_size=group)
+            if self.uses_reference:
+                with self.reference() as reference:
+                    ref_logprobs, _ = logprobs_and_values(reference, rollout, temperature, rows, reference=True,
+                                                          group_size=group)
+        return dataclasses.replace(rollout, logprobs=logprobs, values=values, ref_logprobs=ref_logprobs)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference model: a separate copy, or the policy with its LoRA adapter disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with unwrapped.pretrained_model.disable_adapter():  # in place: the prepared model runs without it
+            yield self.model
+
+    def score(self, rollout: Rollout) -> Scores:
+        """Phase 2: every reward's value, combined with the weights, scaled, clipped and EOS-penalised; the
+        token-level scores; prefix scores for prefix_diff."""
+        reward_cfg, device = self.config.reward, self.accelerator.device
+        if self.environment is not None:  # the environment scored every turn while the episode was played
+            return Scores(
+                sequence=torch.zeros(len(rollout), device=device), tokens=rollout.turn_scores,
+                valid=torch.ones(len(rollout), dtype=torch.bool, device=device),
+                per_reward={"environment": rollout.turn_scores.sum(dim=1)}, means={},
+            )
+        lengths = rollout.response_mask.sum(dim=1).tolist()
+        result = compute_rewards(
+            self.rewards, reward_cfg.reward_weights, rollout.prompts, rollout.completions, rollout.columns,
+            prompt_messages=rollout.prompt_messages,
+            completion_ids=[row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)],
+            skip_invalid=reward_cfg.skip_invalid_rewards,
+        )
+        sequence = shape_scores(
+            result.scores.to(device), rollout.ended, scale=reward_cfg.reward_scale, clip=reward_cfg.reward_clip,
+            missing_eos_penalty=self.config.sampling.missing_eos_penalty,
+        )
+        tokens = None
+        if result.token_scores is not None:
+            width = rollout.response_ids.shape[1]
+            tokens = (reward_cfg.reward_scale * result.token_scores[:, :width]).to(device)
+        prefix = None
+        if self.prefix_reward_model is not None:
+            with torch.no_grad():
+                prompt_score, prefix_score = prefix_scores(
+                    self.prefix_reward_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
+                )
+            # in score units: the reward model's weight x scale (clipping and missing_eos_penalty act on the
+            # whole score, which prefix_diff takes as the terminal reward)
+            weights = reward_cfg.reward_weights or [1.0] * len(self.rewards)
+            unit = reward_cfg.reward_scale * weights[self.rewards.index(self.prefix_reward_model)]
+            prefix = (unit * prefix_score, unit * prompt_score)
+        return Scores(sequence, tokens, result.valid.to(device), result.rows, result.means, prefix)
+
+    def targets(self, rollout: Rollout, scores: Scores) -> Targets:
+        """Phase 3: KL, token rewards, advantages and value targets (`llm_rl.algorithms.targets.compute_targets`)."""
+        ppo = self.config.ppo
+        return compute_targets(
+            rollout, scores, estimator=ppo.advantage_estimator,
+            beta=self.kl_controller.value if ppo.kl_placement == "reward" else 0.0,
+            kl_estimator=ppo.kl_estimator_in_use, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.num_generations,
+            whiten_advantages=ppo.whiten_advantages, whiten_rewards=self.config.reward.whiten_rewards,
+            turn_discount=self.config.environment.discount == "turn", reduce=self.sum_over_processes,
+        )
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), "sum")
+
+    def optimize(self, rollout: Rollout, targets: Targets, first_forward: Optional[tuple] = None) -> dict[str, float]:
+        """Phase 4: ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps
+        micro-batches. `first_forward`: the fused update's training forward of the whole rollout (one epoch,
+        one micro-batch), already taken because it gave the old log-probs.
+
+        Each micro-batch's loss is normalised by the global count of its mini-batch (`global_count`), so the
+        update is the same however the mini-batch is split over micro-batches and processes."""
+        ppo, acc = self.config.ppo, self.accelerator
+        sums: dict[str, torch.Tensor] = {}
+        for epoch in range(ppo.ppo_epochs):
+            if first_forward is None:
+                order = torch.randperm(len(rollout), generator=self.shuffle_generator).to(acc.device)
+            else:
+                order = torch.arange(len(rollout), device=acc.device)
+            for mini in range(ppo.num_mini_batches):
+                mini_rows = order[mini * self.mini_batch_size : (mini + 1) * self.mini_batch_size]
+                normalizer = self.global_count(targets.loss_mask[mini_rows])
+                for micro in range(ppo.gradient_accumulation_steps):
+                    rows = mini_rows[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
+                    # accelerate skips the gradient all-reduce (DDP) or the engine step (DeepSpeed)
+                    # until the last micro-batch
+                    with acc.accumulate(self.model):
+                        if first_forward is None:
+                            batch, batch_targets = micro_batch(rollout, targets, rows)
+                            forward = self.forward(batch)
+                        else:
+                            batch, batch_targets, forward = rollout, targets, first_forward
+                        stats = self.loss_and_backward(batch, batch_targets, forward, normalizer)
+                        if acc.sync_gradients:
+                            stats.update(self.apply_gradients())
+                    if epoch == 0 and mini == 0 and micro == 0:
+                        self.check_first_ratio(stats["policy/ratio_max_dev"])
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+        steps = ppo.ppo_epochs * ppo.num_mini_batches
+        means = self.update_stats(sums, steps, steps * ppo.gradient_accumulation_steps)
+        means["lr"] = self.scheduler.get_last_lr()[0]
+        return means
+
+    def global_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """What a mini-batch's losses are divided by: its tokens (token_mean) or sequences
+        (seq_mean_token_mean) on every process, `mask` (rows, resp_len) being this process's part."""
+        count = loss_normalizer(mask, self.config.ppo.loss_agg).to(self.accelerator.device)
+        return self.accelerator.reduce(count, "sum")  # one all-reduce per mini-batch
+
+    def update_stats(self, sums: dict[str, torch.Tensor], steps: int, micro_batches: int) -> dict[str, float]:
+        """An update's training metrics from this process's sums over its micro-batches, in one collective.
+
+        Loss terms are shares of their mini-batch's mean: summed over micro-batches and processes they
+        give it, then averaged over the `steps` mini-batches. Other stats are means per micro-batch,
+        averaged over micro-batches and processes; grad_norm over the steps that were applied."""
+        n = self.accelerator.num_processes
+        applied = max(steps - float(sums.get("optimizer/skipped_steps", 0.0)), 1.0)
+        divisors = {"grad_norm": applied * n, "optimizer/skipped_steps": n}
+        return self.global_sum({
+            k: v / (steps if k in SHARE_STATS else divisors.get(k, micro_batches * n)) for k, v in sums.items()
+        })
+
+    def apply_gradients(self) -> dict[str, torch.Tensor]:
+        """Clip the global grad norm, step optimizer and schedule. Returns the norm before clipping
+        (`grad_norm`, 0 for a skipped step) and whether the step was skipped (`optimizer/skipped_steps`).
+
+        Under fp16 a non-finite gradient is what the loss scaler is for: the step is skipped, the scale
+        lowered, and the schedule does not advance. Only a non-finite gradient it cannot explain stops the run."""
+        ppo, acc = self.config.ppo, self.accelerator
+        grad_norm = None
+        if ppo.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), ppo.max_grad_norm)
+        if grad_norm is not None:  # DeepSpeed may not report it
+            grad_norm = torch.as_tensor(grad_norm).float().detach()
+            if not torch.isfinite(grad_norm) and not self.loss_scale_may_overflow():
+                raise FloatingPointError(
+                    f"update {self.update + 1}: the gradient norm is {grad_norm.item()}; nothing was "
+                    "applied and the last checkpoint is intact. Lower learning_rate or check the rewards."
+                )
+        self.optimizer.step()
+        skipped = bool(self.optimizer.step_was_skipped)
+        self.scheduler.step()  # accelerate's wrapper does not step when the optimizer step was skipped
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = {"optimizer/skipped_steps": torch.tensor(float(skipped))}
+        if grad_norm is not None:
+            stats["grad_norm"] = torch.zeros_like(grad_norm) if skipped else grad_norm
+        return stats
+
+    def loss_scale_may_overflow(self) -> bool:
+        """Whether a non-finite gradient may be a loss-scale overflow, which the optimizer step skips while
+        the scale shrinks: fp16 with a scale still above 1 (at 1 or below the unscaled gradient overflows)."""
+        acc = self.accelerator
+        if acc.scaler is not None:  # torch's GradScaler
+            return acc.scaler.get_scale() > 1.0
+        return acc.distributed_type == DistributedType.DEEPSPEED and acc.mixed_precision == "fp16"  # its own scaler
+
+    def forward(self, batch: Rollout, grouped: bool = False):
+        """Training forward (with grad): log-probs (batch, resp_len), values or None, logits.
+        `grouped`: the rows are a whole rollout's in order, each prompt's completions together, so each
+        prompt runs once (`CausalLMWithValueHead.forward(group_size=...)`)."""
+        return forward_logprobs(
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.region_mask,
+            self.config.sampling.temperature, group_size=self.prompt_group_size if grouped else 1,
+        )
+
+    @property
+    def prompt_group_size(self) -> int:
+        """Consecutive rows of a rollout whose prompt runs once: num_generations. 1 for multi-turn (an
+        episode's first observation may differ between the copies of a row) and under FSDP / DeepSpeed
+        (sharded models run the extra prompt forward untested)."""
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.config.ppo.num_generations if self.environment is None and not sharded else 1
+
+    def loss_and_backward(self, rollout: Rollout, targets: Targets, forward: tuple, normalizer) -> dict[str, torch.Tensor]:
+        """The PPO loss of a micro-batch from its training `forward` (log-probs, values, logits), and its
+        backward; returns detached stats.
+
+        Every term (policy, value, entropy, KL) is this micro-batch's share of its mini-batch's mean: the
+        sum of its per-token (or per-sequence) terms over `normalizer`, the mini-batch's global count."""
+        ppo, acc = self.config.ppo, self.accelerator
+        logprobs, values, logits = forward
+        loss, stats = ppo_objective(
+            logprobs, rollout.logprobs, targets.advantages, targets.loss_mask,
+            token_entropy=entropy_from_logits(logits.detach() if ppo.ent_coef == 0 else logits,
+                                              self.config.sampling.temperature),
+            values=values, old_values=rollout.values, returns=targets.returns,
+            ref_logprobs=rollout.ref_logprobs if ppo.kl_placement == "loss" else None,
+            clip_range=ppo.clip_range, dual_clip=ppo.dual_clip, clip_range_value=ppo.clip_range_value,
+            vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_coef=self.kl_controller.value,
+            kl_estimator=ppo.kl_estimator_in_use, loss_agg=ppo.loss_agg, normalizer=normalizer,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"update {self.update + 1}: the loss is {loss.item()} (policy {stats['loss/policy'].item()}, value "
+                f"{stats['loss/value'].item()}); lower learning_rate, check rewards for huge values, or set max_grad_norm"
+            )
+        # accelerate divides the loss by gradient_accumulation_steps (DeepSpeed's engine too), and DDP, FSDP and
+        # DeepSpeed average gradients over processes: undo both, so that the shares' gradients add up, over
+        # micro-batches and processes, to the gradient of the mini-batch's mean
+        acc.backward(loss * (acc.gradient_accumulation_steps * acc.num_processes))
+        return stats
+
+    def check_first_ratio(self, max_dev: torch.Tensor) -> None:
+        """Before any step the new/old ratio must be 1; otherwise rollout and training disagree."""
+        dtype = next(self.model.parameters()).dtype
+        if self.accelerator.mixed_precision != "no":
+            dtype = torch.bfloat16
+        tolerance = RATIO_TOLERANCE.get(dtype, 5e-2)
+        if float(max_dev) > tolerance:
+            warnings.warn(
+                f"update {self.update + 1}: on the first minibatch the PPO ratio deviates from 1 by "
+                f"{float(max_dev):.2e} (> {tolerance:g}). Rollout and training forwards disagree: check padding, "
+                "position ids, dropout, or a sampling temperature applied differently.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # ================================================================== metrics, logging, saving
+    def rollout_metrics(self, rollout: Rollout, scores: Scores, targets: Targets) -> dict[str, float]:
+        """What the rollout produced, over all processes: totals are summed in one collective and
+        divided afterwards, so means and variances are exact, not means of per-process means."""
+        mask = targets.loss_mask.float()
+        kept = scores.valid
+        totals = {
+            "rows": torch.tensor(float(len(rollout))),
+            "kept": kept.float().sum(),
+            "tokens": mask.sum(),
+            "ended": rollout.ended.float().sum(),
+            "score": scores.sequence.float()[kept].sum(),
+            "kl": targets.kl.sum(),
+            "token_reward": (targets.token_rewards * mask).sum(),
+            **{f"reward/{k}": torch.tensor(v * float(kept.sum())) for k, v in scores.means.items()},
+            "reward/invalid": (~kept).float().sum(),
+        }
+        if rollout.num_turns is not None:  # multi-turn episodes
+            totals.update({"turns": rollout.num_turns.float().sum(), "episode_reward": rollout.turn_scores.sum()})
+        if rollout.values is not None:
+            values, returns = rollout.values, targets.returns
+            totals.update({
+                "value": (values * mask).sum(),
+                "return": (returns * mask).sum(),
+                "return_sq": (returns**2 * mask).sum(),
+                "residual_sq": ((returns - values) ** 2 * mask).sum(),
+            })
+        g = self.global_sum(totals)
+        kept_rows, tokens = max(g["kept"], 1.0), max(g["tokens"], 1.0)
+        out = {
+            "score/mean": g["score"] / kept_rows,
+            "response/length": g["tokens"] / kept_rows,
+            "response/eos_rate": g["ended"] / g["rows"],
+            "response/tokens": g["tokens"],
+            "token_reward/mean": g["token_reward"] / tokens,
+            "reward/invalid": g["reward/invalid"],
+            **{k: v / kept_rows for k, v in g.items() if k.startswith("reward/") and k != "reward/invalid"},
+        }
+        if rollout.ref_logprobs is not None:  # no reference is taken when nothing reads it (kl_coef 0)
+            out.update({"kl/per_sequence": g["kl"] / kept_rows, "kl/per_token": g["kl"] / tokens,
+                        "kl/beta": self.kl_controller.value})
+        if rollout.num_turns is not None:
+            out.update({
+                "episode/turns": g["turns"] / g["rows"],
+                "episode/return": g["episode_reward"] / g["rows"],  # undiscounted sum of the turn rewards
+                "episode/turn_reward": g["episode_reward"] / max(g["turns"], 1.0),
+                "episode/done_rate": g["ended"] / g["rows"],
+            })
+        if rollout.values is not None:
+            var_returns = g["return_sq"] / tokens - (g["return"] / tokens) ** 2
+            out["value/mean"] = g["value"] / tokens
+            out["value/explained_variance"] = 1.0 - (g["residual_sq"] / tokens) / max(var_returns, 1e-8)
+        return out
+
+    def log_completions(self, rollout: Rollout, scores: Scores, targets: Targets) -> None:
+        """The first log_completions_count samples of this process's rollout (prompt, completion, each
+        reward, mean advantage over the response tokens) to completions.jsonl and the trackers."""
+        if not self.accelerator.is_main_process:
+            return
+        count = min(self.config.train.log_completions_count, len(rollout))
+        mask = targets.loss_mask[:count].float()
+        advantages = ((targets.advantages[:count] * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        rows = [
+            {"prompt": rollout.prompts[i], "completion": rollout.completions[i],
+             **{f"reward/{name}": float(values[i]) for name, values in scores.per_reward.items()},
+             "score": float(scores.sequence[i]), "advantage": advantages[i]}
+            for i in range(count)
+        ]
+        write_completions(self.output_dir / "completions.jsonl", self.update, rows)
+        log_table(self.accelerator, "completions", rows, self.update)
+
+    # ================================================================== what the run skeleton saves
+    def checkpoint_state(self) -> dict:
+        """Beside the update counter: data position, KL controller, minibatch-shuffle RNG."""
+        return {
+            "num_updates": self.num_updates,
+            "sampler": self.sampler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "shuffle_generator": self.shuffle_generator.get_state().tolist(),
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.shuffle_generator.set_state(torch.tensor(state["shuffle_generator"], dtype=torch.uint8))
+
+    def write_model(self, directory: Path, state_dict: dict) -> None:
+        """The policy as a plain causal LM (or its adapter, or merged), and the value head."""
+        self.accelerator.unwrap_model(self.model).save_pretrained(
+            directory, state_dict=state_dict, merge_adapter=self.config.model.merge_adapter
+        )
+
+    def model_card(self, metrics: dict):
+        return model_card(self.config, metrics, self.config.train.hub_model_id or str(self.output_dir))
+
+    def write_reports(self, metrics: dict) -> None:
+        super().write_reports(metrics)
+        plot_training_curves(self.output_dir / run_dir.METRICS_FILE, self.output_dir / "curves.png")
+
+def check_master_weights(policy: CausalLMWithValueHead) -> None:
+    """Refuse to train weights stored in half precision: an AdamW step of lr ~1e-6 is far below
+    bf16's resolution (8 bits of mantissa) for almost every weight, so most updates round away."""
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in policy.parameters()
+                   if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+    if half:
+        raise ConfigError(
+            f"the policy's trainable weights are {', '.join(half)}: AdamW would update them in that precision and "
+            "most small updates would round away. Load them in float32 (torch_dtype: float32) and compute in half "
+            "precision with accelerate's mixed precision (accelerate launch --mixed_precision bf16, or the "
+            "accelerate_configs/*.yaml files). With use_peft a half-precision base is fine: the adapters train in float32."
+        )
+
+
+def micro_batch(rollout: Rollout, targets: Targets, rows: torch.Tensor) -> tuple[Rollout, Targets]:
+    """The `rows` of a rollout and its targets, without the response columns where none of them has an
+    action (padding; multi-turn: observations after the last bot token, which no loss reads)."""
+    mask = targets.loss_mask[rows]
+    last = mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    width = max(int(last.max()), 1)
+    return rollout.select(rows, width), targets.select(rows, width)
+
+
+def with_old_policy(rollout: Rollout, forward: tuple) -> Rollout:
+    """The fused update's rollout: the training forward, taken before any step, is the old policy; its
+    log-probs and values, detached, are the rollout's."""
+    logprobs, values, _ = forward
+    valid = rollout.response_mask.bool()
+    return dataclasses.replace(
+        rollout, logprobs=logprobs.detach().float().masked_fill(~valid, 0.0),
+        values=None if values is None else values.detach().float().masked_fill(~valid, 0.0),
+    )
+
+
+@contextlib.contextmanager
+def timed(timing: dict, key: str):
+    """Add the seconds the block took to `timing[key]`."""
+    start = time.perf_counter()
+    yield
+    timing[key] = time.perf_counter() - start
+
+
+def summary_line(metrics: dict) -> str:
+    keys = [("score/mean", "score"), ("episode/return", "return"), ("episode/turns", "turns"),
+            ("kl/per_sequence", "kl"), ("kl/beta", "beta"), ("entropy", "ent"), ("loss/policy", "pg"), ("loss/value", "vf"), ("policy/clipfrac", "clip"),
+            ("response/length", "len"), ("time/update", "s")]
+    parts = [f"update {metrics['update']}"]
+    parts += [f"{short} {metrics[k]:.4g}" for k, short in keys if k in metrics and math.isfinite(metrics[k])]
+    parts += [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/")]
+    return " | ".join(parts)
+
