@@ -26,13 +26,15 @@ from pathlib import Path
 
 import torch
 
+from llm_rl.sampling.sampler import SamplingSettings
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_architectures import ARCHITECTURES, PROMPTS, save_tiny_checkpoint  # noqa: E402
 
 from llm_rl.models.forward import forward_logprobs  # noqa: E402
 from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout  # noqa: E402
 from llm_rl.sampling.hf import generate_responses
-from llm_rl.tasks.dialogue import build_tokenizer  # noqa: E402
+from llm_rl.tasks.arithmetic import build_tokenizer  # noqa: E402
 
 
 def measure(model_type: str, folder: Path, temperature: float) -> dict:
@@ -58,10 +60,7 @@ def measure(model_type: str, folder: Path, temperature: float) -> dict:
     lm.generate = recording_generate
     lm.eval()
     torch.manual_seed(1)
-    response_ids, response_mask, _ = generate_responses(
-        lm, prompt_ids, prompt_mask, max_new_tokens=6, temperature=temperature, top_k=0, top_p=1.0,
-        stop_token_ids=[1], pad_token_id=0, chunk_size=len(PROMPTS),
-    )
+    response_ids, response_mask, _ = generate_responses(lm, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=6, temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=(1,), pad_token_id=0, chunk_size=len(PROMPTS)))
     valid = response_mask.bool()
     with torch.no_grad():
         rollout_logprobs, _, _ = forward_logprobs(policy, prompt_ids, prompt_mask, response_ids, response_mask,

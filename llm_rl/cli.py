@@ -21,8 +21,7 @@ import sys
 
 from llm_rl.config.errors import ConfigError, UserError
 from llm_rl.config.loading import split_config_arg
-from llm_rl.config.reward_training import format_help
-from llm_rl.config.sections import Config
+from llm_rl.config.sections import Config, format_help
 from llm_rl.version import __version__
 
 
@@ -88,11 +87,11 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 def reward_main(argv: list[str]) -> int:
     """`llm-rl reward train --config FILE.yaml ...` or `llm-rl reward score --model PATH --input FILE.jsonl ...`."""
     if argv and argv[0] == "train":
-        from llm_rl.cli import main as train_main
+        from llm_rl.training.reward_trainer import main as train_main
 
         return train_main(argv[1:])
     if argv and argv[0] == "score":
-        from llm_rl.cli import main as score_main
+        from llm_rl.rewards.score_files import main as score_main
 
         return score_main(argv[1:])
     print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n"

@@ -17,8 +17,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llm_rl.tasks.arithmetic import build_model  # noqa: E402
-from llm_rl.tasks.dialogue import build_tokenizer
+from llm_rl.tasks.arithmetic import (
+    build_model,  # noqa: E402
+    build_tokenizer,
+)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -114,3 +116,11 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def sample_rollout(trainer, indices: list[int]):
+    """Phases 1 and 3 of one update on the prompts at `indices`: sampled, then what the old policy (and the
+    reference, when read) say about the sampled tokens."""
+    rollout = trainer.sampler.sample(trainer.prompts.batch(indices))
+    rollout = trainer.old_and_reference(rollout)
+    return trainer.fused_old_policy(rollout)[0]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sample_rollout
 from tiny_architectures import ARCHITECTURES, PROMPTS, save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
@@ -33,7 +34,8 @@ from llm_rl.models.loading import load_policy, load_tokenizer
 from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout
 from llm_rl.sampling.hf import generate_responses, generation_settings, sampling_config
 from llm_rl.sampling.rollout import truncate_after_stop
-from llm_rl.tasks.dialogue import build_tokenizer
+from llm_rl.sampling.sampler import SamplingSettings
+from llm_rl.tasks.arithmetic import build_tokenizer
 from llm_rl.training.ppo_trainer import PPOTrainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
@@ -79,8 +81,7 @@ def test_trained_logprobs_and_sampled_distribution_equal_the_plain_model(checkpo
     prompt_ids, prompt_mask = prompt_batch(tokenizer)
 
     # sample through the rollout's own generation settings, keeping the processed scores
-    config = sampling_config(max_new_tokens=5, temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=[1],
-                             pad_token_id=0)
+    config = sampling_config(SamplingSettings(max_new_tokens=5, temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=(1,), pad_token_id=0, chunk_size=1))
     recorded = copy.deepcopy(config)
     recorded.output_scores, recorded.return_dict_in_generate = True, True
     lm.eval()
@@ -88,10 +89,7 @@ def test_trained_logprobs_and_sampled_distribution_equal_the_plain_model(checkpo
     with torch.no_grad(), generation_settings(lm, recorded):
         out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=recorded)
     torch.manual_seed(1)
-    response_ids, response_mask, _ = generate_responses(
-        lm, prompt_ids, prompt_mask, max_new_tokens=5, temperature=temperature, top_k=0, top_p=1.0,
-        stop_token_ids=[1], pad_token_id=0, chunk_size=4,
-    )
+    response_ids, response_mask, _ = generate_responses(lm, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=5, temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=(1,), pad_token_id=0, chunk_size=4))
     sampled = out.sequences[:, prompt_ids.shape[1] :]
     ids, mask, _ = truncate_after_stop(sampled, [1], 0)
     assert torch.equal(response_ids, ids[:, : response_ids.shape[1]])  # the rollout samples exactly this way
@@ -119,7 +117,7 @@ def test_ratio_is_one_value_head_agrees_and_an_update_reloads(checkpoint, tmp_pa
     trainer = PPOTrainer(config, load_policy(config, tokenizer), tokenizer, load_prompts(config, tokenizer),
                          [length_reward])
     trainer.fused = False  # the rollout takes the old log-probs and values in its own no-grad forward
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
+    rollout = sample_rollout(trainer, [0, 1, 2, 3])
     assert rollout.response_mask.sum() > 0
     trainer.model.train()
     logprobs, values, _ = trainer.forward(rollout)
@@ -150,8 +148,7 @@ def test_checkpoint_generation_config_would_change_sampling(tmp_path):
     torch.manual_seed(1)
     leaky = lm.generate(**common)
     torch.manual_seed(1)
-    ours = copy.deepcopy(sampling_config(max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
-                                         stop_token_ids=[1], pad_token_id=0))
+    ours = copy.deepcopy(sampling_config(SamplingSettings(max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,), pad_token_id=0, chunk_size=1)))
     ours.output_scores, ours.return_dict_in_generate = True, True
     with generation_settings(lm, ours):
         clean = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=ours)
@@ -188,10 +185,7 @@ def test_a_groups_prompt_runs_once_with_the_same_samples_logprobs_values_and_gra
     for group_size in (1, group):
         torch.manual_seed(2)
         with torch.no_grad():
-            sampled.append(generate_responses(
-                lm, prompt_ids, prompt_mask, max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0,
-                stop_token_ids=[1], pad_token_id=0, chunk_size=6, group_size=group_size,
-            ))
+            sampled.append(generate_responses(lm, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,), pad_token_id=0, chunk_size=6), group_size=group_size))
     for plain, shared in zip(*sampled):
         assert torch.equal(plain, shared)
 

@@ -253,3 +253,93 @@ def test_prefix_diff_refuses_reward_whitening():
 def test_validate_warmup_steps():
     with pytest.raises(ConfigError, match="warmup_steps"):
         Config.from_dict({"warmup_steps": -1}).validate()
+
+
+# ----------------------------------------------------------------- variant tables, rules, shared option groups
+
+
+def test_choice_types_are_the_variant_tables_keys():
+    import typing
+
+    from llm_rl.config.choices import AdvantageEstimator, KLEstimator, LossAggregation
+    from llm_rl.config.variants import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+
+    for choice, table in ((AdvantageEstimator, ADVANTAGE_ESTIMATORS), (KLEstimator, KL_ESTIMATORS),
+                          (LossAggregation, LOSS_AGGREGATIONS)):
+        assert typing.get_args(choice) == tuple(table)
+    with pytest.raises(ConfigError, match="'advantage_estimator' is one of " + ", ".join(ADVANTAGE_ESTIMATORS)):
+        Config.from_yaml(None, ["--advantage_estimator", "ppo2"])
+
+
+def test_estimator_rules_follow_the_table():
+    from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
+
+    for name, variant in ADVANTAGE_ESTIMATORS.items():
+        ok = {"advantage_estimator": name, "num_generations": variant.min_generations,
+              "reward_model_name_or_path": "rm" if variant.needs_reward_model else None}
+        Config.from_dict(ok).validate()
+        if variant.min_generations > 1:
+            with pytest.raises(ConfigError, match=f"set num_generations >= {variant.min_generations}"):
+                Config.from_dict({**ok, "num_generations": variant.min_generations - 1}).validate()
+        if variant.needs_reward_model:
+            with pytest.raises(ConfigError, match="set reward_model_name_or_path"):
+                Config.from_dict({**ok, "reward_model_name_or_path": None}).validate()
+        with_environment = {**ok, "environment": "pkg.env:Env", "reward_model_name_or_path": None}
+        if variant.multi_turn and not variant.needs_reward_model:
+            Config.from_dict(with_environment).validate()
+        elif not variant.multi_turn:
+            with pytest.raises(ConfigError, match="it has no multi-turn form"):
+                Config.from_dict({**ok, "environment": "pkg.env:Env"}).validate()
+
+
+def test_rule_tables_have_unique_names():
+    from llm_rl.config.rules import PPO_REWARD_RULES, PPO_RULES, REWARD_TRAINING_RULES
+
+    for table in (PPO_RULES + PPO_REWARD_RULES, REWARD_TRAINING_RULES):
+        names = [rule.name for rule in table]
+        assert len(names) == len(set(names))
+
+
+def test_validate_zero_divisors_are_config_errors():
+    # the rules run in order and stop at the first broken one, so the divisibility rule never divides by 0
+    for key in ("num_mini_batches", "gradient_accumulation_steps"):
+        with pytest.raises(ConfigError, match=f"{key} must be >= 1"):
+            Config.from_dict({key: 0}).validate()
+
+
+def test_variant_set_in_code_is_checked():
+    config = Config()
+    config.ppo.advantage_estimator = "ppo2"  # not through the loader
+    with pytest.raises(ConfigError, match="advantage_estimator is one of gae, "):
+        config.validate()
+
+
+def test_shared_keys_are_declared_once_with_one_type():
+    import dataclasses
+    import typing
+
+    from llm_rl.config.reward_training import RewardTrainingConfig
+    from llm_rl.config.sections import FIELD_TYPES
+
+    reward_types = typing.get_type_hints(RewardTrainingConfig)
+    shared = set(FIELD_TYPES) & set(reward_types)
+    assert len(shared) >= 30
+    # the reward model's prompt_column may be null (the pairs are then full texts); PPO's may not
+    assert {key for key in shared if FIELD_TYPES[key] != reward_types[key]} == {"prompt_column"}
+    # each config keeps its own defaults where they differ
+    ppo, reward = Config(), RewardTrainingConfig()
+    assert (reward.lora_dropout, ppo.model.lora_dropout) == (0.05, 0.0)
+    assert (reward.lr_scheduler_type, ppo.ppo.lr_scheduler_type) == ("linear", "constant")
+    assert (reward.eval_steps, ppo.train.eval_steps) == (100, 0)
+    assert (reward.output_dir, ppo.train.output_dir) == ("outputs/reward_model", "outputs/ppo")
+    reward_help = {f.name: f.metadata["help"] for f in dataclasses.fields(RewardTrainingConfig)}
+    assert reward_help["lora_dropout"] == "Dropout on the LoRA input."
+    assert reward_help["learning_rate"] == "AdamW learning rate."  # the group's, shared
+
+
+def test_reward_training_scheduler_is_typed():
+    from llm_rl.config.reward_training import RewardTrainingConfig
+
+    with pytest.raises(ConfigError, match="'lr_scheduler_type' is one of constant, linear, cosine; got 'step'"):
+        RewardTrainingConfig.from_yaml(None, ["--model_name_or_path", "m", "--dataset_name", "d",
+                                              "--lr_scheduler_type", "step"])

@@ -232,7 +232,7 @@ def test_sampler_too_few_prompts():
 
 def test_load_tokenizer_pad_equal_to_eos_gets_a_distinct_pad(tmp_path):
     from llm_rl.models.loading import load_tokenizer
-    from llm_rl.tasks.dialogue import build_tokenizer
+    from llm_rl.tasks.arithmetic import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token

@@ -7,8 +7,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import sample_rollout
 
 from llm_rl.algorithms.advantages import action_gae, compute_gae
+from llm_rl.sampling.sampler import SamplingSettings
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 
@@ -119,8 +121,7 @@ def test_two_turn_episodes_on_a_tiny_model(tiny_model_dir, tiny_tokenizer):
     rows = [{"prompt": "1+2="}, {"prompt": "17+5="}, {"prompt": "123+45="}]
     envs = [Echo(2), Echo(2), Echo(99)]
     torch.manual_seed(0)
-    ep = run_episodes(lm, tiny_tokenizer, envs, rows, max_turns=2, max_episode_tokens=40, max_new_tokens=3,
-                      temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[1], chunk_size=3)
+    ep = run_episodes(lm, tiny_tokenizer, envs, rows, SamplingSettings(max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,), chunk_size=3, pad_token_id=tiny_tokenizer.pad_token_id), max_turns=2, max_episode_tokens=40)
     assert ep.num_turns.tolist() == [2, 2, 2]
     assert ep.ended.tolist() == [True, True, False]  # the patient user was cut by max_turns: bootstrap
     obs = tiny_tokenizer("12", add_special_tokens=False).input_ids
@@ -137,7 +138,7 @@ def test_two_turn_episodes_on_a_tiny_model(tiny_model_dir, tiny_tokenizer):
         tail = n - turn_ends[1] - 1
         assert tail == (0 if ep.ended[row] else 2)
         # each turn's reward (its text length) sits on that turn's last token
-        rewards = ep.turn_rewards[row, :n]
+        rewards = ep.turn_scores[row, :n]
         assert rewards.nonzero().flatten().tolist() == [t for t in turn_ends if rewards[t] != 0]
         # the context is exactly what the model saw: prompt ids (left-padded) then the region
     assert ep.prompts == ["1+2=", "17+5=", "123+45="]
@@ -158,9 +159,7 @@ def test_max_episode_tokens_cuts_and_finished_episodes_stop_generating(tiny_mode
 
     lm.generate = counting_generate
     envs = [Echo(1), Echo(99)]
-    ep = run_episodes(lm, tiny_tokenizer, envs, [{"prompt": "1+2="}, {"prompt": "3+4="}], max_turns=5,
-                      max_episode_tokens=7, max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
-                      stop_token_ids=[1], chunk_size=2)
+    ep = run_episodes(lm, tiny_tokenizer, envs, [{"prompt": "1+2="}, {"prompt": "3+4="}], SamplingSettings(max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,), chunk_size=2, pad_token_id=tiny_tokenizer.pad_token_id), max_turns=5, max_episode_tokens=7)
     assert calls[0] == 2 and all(c == 1 for c in calls[1:])  # the finished episode left the batch
     assert ep.ended.tolist() == [True, False]
     assert int(ep.response_mask[1].sum()) >= 7 and ep.num_turns[1] < 5
@@ -195,8 +194,7 @@ def test_chat_episode_sequence_is_the_rendered_conversation(tiny_model_dir, tiny
 
     lm.generate = reply_three
     env = Chat()
-    ep = run_episodes(lm, tiny_tokenizer, [env], [{"prompt": "12"}], max_turns=2, max_episode_tokens=30,
-                      max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[1], chunk_size=1)
+    ep = run_episodes(lm, tiny_tokenizer, [env], [{"prompt": "12"}], SamplingSettings(max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,), chunk_size=1, pad_token_id=tiny_tokenizer.pad_token_id), max_turns=2, max_episode_tokens=30)
     n = int(ep.response_mask[0].sum())
     assert env.replies == ["3", "3"]
     prompt = ep.prompt_ids[0][ep.prompt_mask[0].bool()].tolist()
@@ -260,10 +258,10 @@ def test_observation_tokens_get_no_advantage_kl_or_loss(episode_setup, tmp_path)
     _, values = episode_setup
     trainer = make_trainer(values, tmp_path / "run", kl_coef=0.5)
     trainer.fused = False  # the rollout takes the old policy's log-probs and values itself
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
-    targets = trainer.targets(rollout, trainer.score(rollout))
-    observation = rollout.context_mask.bool() & ~rollout.response_mask.bool()
-    assert observation.any() and rollout.response_mask.any()
+    rollout = sample_rollout(trainer, [0, 1, 2, 3])
+    targets = trainer.targets(rollout, trainer.scorer.score(rollout))
+    observation = rollout.response_mask.bool() & ~rollout.action_mask.bool()
+    assert observation.any() and rollout.action_mask.any()
     for name, tensor in [("kl", targets.kl), ("advantages", targets.advantages), ("returns", targets.returns),
                          ("logprobs", rollout.logprobs), ("values", rollout.values),
                          ("rewards", targets.token_rewards)]:
@@ -310,9 +308,9 @@ def test_critic_free_estimators_take_the_discounted_episode_return(episode_setup
     _, values = episode_setup
     trainer = make_trainer(values, tmp_path / "run", advantage_estimator=estimator, num_generations=2, kl_coef=0.0,
                            whiten_advantages=False)
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1]))
-    advantages = trainer.targets(rollout, trainer.score(rollout)).advantages
-    mask = rollout.response_mask.bool()
+    rollout = sample_rollout(trainer, [0, 1])
+    advantages = trainer.targets(rollout, trainer.scorer.score(rollout)).advantages
+    mask = rollout.action_mask.bool()
     # the discounted episode return by hand: turn k's reward times 0.9 ** k
     turn_of = rollout.turn_ends.long().cumsum(1) - rollout.turn_ends.long()
     episode_return = (rollout.turn_scores * 0.9 ** turn_of.float()).sum(1)
@@ -331,7 +329,7 @@ def test_critic_free_estimators_take_the_discounted_episode_return(episode_setup
             for t in mask[row].nonzero().flatten().tolist():
                 k = int(turn_of[row, t])
                 to_go[row, t] = sum(r * 0.9 ** (j - k) for j, r in enumerate(rewards) if j >= k)
-        torch.testing.assert_close(advantages, masked_whiten(to_go, rollout.response_mask) * mask)
+        torch.testing.assert_close(advantages, masked_whiten(to_go, rollout.action_mask) * mask)
 
 
 def test_resume_in_the_middle_of_a_multi_turn_run(episode_setup, tmp_path):
@@ -405,5 +403,4 @@ def test_environment_mistakes_are_named(tiny_model_dir, tiny_tokenizer, bad, mes
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with pytest.raises(EpisodeError, match=message):
-        run_episodes(lm, tiny_tokenizer, [Broken()], [{}], max_turns=2, max_episode_tokens=20, max_new_tokens=2,
-                     temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[1], chunk_size=1, max_prompt_length=8)
+        run_episodes(lm, tiny_tokenizer, [Broken()], [{}], SamplingSettings(max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,), chunk_size=1, pad_token_id=tiny_tokenizer.pad_token_id), max_turns=2, max_episode_tokens=20, max_prompt_length=8)

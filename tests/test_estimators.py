@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import sample_rollout
 
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.sections import Config
@@ -74,11 +75,11 @@ def test_critic_free_estimators_train_without_a_value_head(assets, tmp_path, est
 def test_groups_are_consecutive_rows_of_the_same_prompt(assets, tmp_path):
     trainer = make_trainer(assets, tmp_path, advantage_estimator="grpo", num_generations=3)
     trainer.fused = False  # the rollout takes the old log-probs itself
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1]))
+    rollout = sample_rollout(trainer, [0, 1])
     assert len(rollout) == 6
     assert rollout.prompts == [rollout.prompts[0]] * 3 + [rollout.prompts[3]] * 3
     assert torch.equal(rollout.prompt_ids[0], rollout.prompt_ids[2])
-    advantages = trainer.targets(rollout, trainer.score(rollout)).advantages
+    advantages = trainer.targets(rollout, trainer.scorer.score(rollout)).advantages
     # with the KL in the reward, each group's advantages sum to ~0 (mean-centred per group)
     per_row = (advantages * rollout.response_mask).sum(1) / rollout.response_mask.sum(1)
     sums = per_row.view(2, 3).sum(1)
@@ -98,9 +99,9 @@ def test_token_level_rewards_reach_the_token_rewards(assets, tmp_path):
     _, _, reward_file = assets
     trainer = make_trainer(assets, tmp_path, reward_funcs=[f"{reward_file}:per_token"], kl_coef=0.0)
     trainer.fused = False  # the rollout takes the old log-probs itself
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
+    rollout = sample_rollout(trainer, [0, 1, 2, 3])
     assert rollout.ref_logprobs is None  # kl_coef 0: nothing reads the reference, so it is not run
-    targets = trainer.targets(rollout, trainer.score(rollout))
+    targets = trainer.targets(rollout, trainer.scorer.score(rollout))
     expected = (rollout.response_ids == 10).float() * rollout.response_mask
     assert torch.equal(targets.token_rewards, expected)  # beta 0, no sequence score: only the per-token ones
     history = trainer.train()
@@ -120,8 +121,8 @@ def test_token_level_reward_validation():
         return [[0.5] * len(c) for c in completion_ids]
 
     result = compute_rewards([good], [2.0], ["a", "b"], ["07", "7"], {}, completion_ids=ids)
-    assert result.token_scores.tolist() == [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
-    assert result.scores.tolist() == [0.0, 0.0]
+    assert result.tokens.tolist() == [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+    assert result.sequence.tolist() == [0.0, 0.0]
     assert result.means == {"good": pytest.approx(1.25)}  # per sequence: 1.5 and 1.0
 
 
@@ -133,8 +134,8 @@ def test_invalid_rewards_are_skipped_and_counted(assets, tmp_path):
     assert [row["score/mean"] for row in history] == [1.0, 1.0]  # over the samples that were kept
     assert finite(history)
     trainer.fused = False  # the rollout takes the old log-probs itself
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
-    scores = trainer.score(rollout)
+    rollout = sample_rollout(trainer, [0, 1, 2, 3])
+    scores = trainer.scorer.score(rollout)
     assert scores.valid.tolist() == [False, True, True, True]
     loss_mask = trainer.targets(rollout, scores).loss_mask
     assert loss_mask[0].sum() == 0 and loss_mask[1:].sum() > 0
@@ -178,8 +179,8 @@ def test_prefix_diff_run(assets, tmp_path, shared_vocab_reward_model):
                            reward_model_name_or_path=str(shared_vocab_reward_model), whiten_advantages=False,
                            kl_coef=0.0)
     trainer.fused = False  # the rollout takes the old log-probs itself
-    rollout, _ = trainer.rollout(trainer.prompts.batch([0, 1, 2, 3]))
-    scores = trainer.score(rollout)
+    rollout = sample_rollout(trainer, [0, 1, 2, 3])
+    scores = trainer.scorer.score(rollout)
     advantages = trainer.targets(rollout, scores).advantages
     # the increments telescope: each row's advantages sum to its sequence score - Q_prompt (TD(0) with the
     # prefix scores as the critic and the score as the terminal reward)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from llm_rl import run_ppo
 from llm_rl.config import Config
 from llm_rl.tasks import arithmetic
-from llm_rl import run_ppo
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 

@@ -82,13 +82,13 @@ def test_compute_scores_weighted_sum_with_columns():
     columns = {"answer": ["3", "15", "7"]}
     result = compute_rewards([length_reward, exact_match], [0.5, 2.0], prompts, completions, columns)
     # length: [1, 2, 1]; exact: [1, 0, 1] -> 0.5 * length + 2 * exact
-    assert result.scores.tolist() == [2.5, 1.0, 2.5]
-    assert result.scores.dtype == torch.float32
+    assert result.sequence.tolist() == [2.5, 1.0, 2.5]
+    assert result.sequence.dtype == torch.float32
     assert result.means == pytest.approx({"length_reward": 4 / 3, "exact_match": 2 / 3})
-    assert result.valid.all() and result.token_scores is None
+    assert result.valid.all() and result.tokens is None
 
     result = compute_rewards([length_reward, exact_match], None, prompts, completions, columns)
-    assert result.scores.tolist() == [2.0, 2.0, 2.0]
+    assert result.sequence.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_compute_scores_accepts_tensor_output():
@@ -96,7 +96,7 @@ def test_compute_scores_accepts_tensor_output():
         return torch.tensor([0.25, -1.0])
 
     result = compute_rewards([tensor_reward], [2.0], ["a", "b"], ["x", "y"], {})
-    assert result.scores.tolist() == [0.5, -2.0]
+    assert result.sequence.tolist() == [0.5, -2.0]
 
 
 def bad_reward(output):
@@ -193,7 +193,7 @@ def test_load_reward_function_missing_file_or_attribute(tmp_path):
 def save_reward_model(path, with_pad: bool):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from llm_rl.tasks.dialogue import build_tokenizer
+    from llm_rl.tasks.arithmetic import build_tokenizer
 
     tokenizer = build_tokenizer()
     if not with_pad:
@@ -252,7 +252,7 @@ def test_reward_model_scores_whole_text(reward_model_dirs):
 def test_reward_model_in_compute_rewards(reward_model_dirs):
     rm = RewardModel.from_pretrained(str(reward_model_dirs[0]))
     result = compute_rewards([rm], [2.0], PROMPTS, COMPLETIONS, {"answer": ["3", "46", "4690", "18"]})
-    assert result.scores.tolist() == pytest.approx([2.0 * s for s in rm(PROMPTS, COMPLETIONS)], abs=1e-5)
+    assert result.sequence.tolist() == pytest.approx([2.0 * s for s in rm(PROMPTS, COMPLETIONS)], abs=1e-5)
     assert list(result.means) == [reward_name(rm)]
 
 

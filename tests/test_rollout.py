@@ -5,6 +5,7 @@ from llm_rl.models.forward import forward_logprobs
 from llm_rl.models.value_head import CausalLMWithValueHead
 from llm_rl.sampling.hf import generate_responses
 from llm_rl.sampling.rollout import Rollout, logprobs_and_values, truncate_after_stop
+from llm_rl.sampling.sampler import SamplingSettings
 
 PAD, EOS = 0, 1
 PROMPTS = [[4, 13, 5, 14], [4, 5, 13, 6, 7, 14], [4, 5, 6, 13, 7, 8, 9, 10, 14]]  # 1+2=  12+34=  123+4567=
@@ -62,13 +63,14 @@ def test_truncate_two_stop_ids_and_batch():
 # ----------------------------------------------------------------- generate_responses
 
 
-def generate(lm, prompts, pad_helpers, **kw):
+def generate(lm, prompts, pad_helpers, group_size=1, **kw):
     left_pad, _ = pad_helpers
     ids, mask = left_pad(prompts, PAD)
     args = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[EOS], pad_token_id=PAD)
     args.update(kw)
     args.setdefault("chunk_size", len(prompts))
-    return generate_responses(lm, ids, mask, **args)
+    settings = SamplingSettings(**{**args, "stop_token_ids": tuple(args["stop_token_ids"])})
+    return generate_responses(lm, ids, mask, settings, group_size=group_size)
 
 
 def first_stop_length(tokens, stops):

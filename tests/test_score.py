@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_rl.cli import main
 from llm_rl.rewards.functions import RewardError
 from llm_rl.rewards.model import RewardModel
-from llm_rl.rewards.score_files import Record, ScoreInputError, ScoreSummary, quantile, read_jsonl, score_records
+from llm_rl.rewards.score_files import Record, ScoreInputError, ScoreSummary, main, quantile, read_jsonl, score_records
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, get_args
+from typing import Optional
 
 import torch
 
 from llm_rl.algorithms.ops import masked_whiten
-from llm_rl.config.choices import AdvantageEstimator
+from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
 
 Tensor = torch.Tensor
 
@@ -241,11 +241,12 @@ class EstimatorInput:
 
 @dataclass(frozen=True)
 class Estimator:
-    """An advantage estimator and what the trainer must know about it."""
+    """An advantage estimator and what the trainer must know about it (the properties of its entry in
+    llm_rl.config.variants.ADVANTAGE_ESTIMATORS)."""
 
     estimate: Callable[[EstimatorInput], tuple[Tensor, Optional[Tensor]]]  # -> (advantages, value targets or None)
     needs_values: bool  # trains a value head (the critic)
-    whitened_by_trainer: bool  # whiten_advantages applies (grpo normalises per group, reinforce_pp whitens inside)
+    whitened_by_trainer: bool  # whiten_advantages applies (else the estimator normalises its advantages itself)
 
 
 def returns_to_go(x: EstimatorInput) -> Tensor:
@@ -282,12 +283,17 @@ def _prefix_diff(x: EstimatorInput):
     return prefix_diff_advantages(prefix, prompt_score, x.mask, x.rewards), None
 
 
-ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(_gae, needs_values=True, whitened_by_trainer=True),
-    "grpo": Estimator(_grouped_estimator(grpo_advantages), needs_values=False, whitened_by_trainer=False),
-    "rloo": Estimator(_grouped_estimator(rloo_advantages), needs_values=False, whitened_by_trainer=True),
-    "reinforce_pp": Estimator(_reinforce_pp, needs_values=False, whitened_by_trainer=False),
-    "prefix_diff": Estimator(_prefix_diff, needs_values=False, whitened_by_trainer=True),
+# each estimator's function, keyed by its name in the config's variant table
+_ESTIMATE = {
+    "gae": _gae,
+    "grpo": _grouped_estimator(grpo_advantages),
+    "rloo": _grouped_estimator(rloo_advantages),
+    "reinforce_pp": _reinforce_pp,
+    "prefix_diff": _prefix_diff,
 }
-# the config names the choices without importing torch (fast --help); this table gives each its function
-assert set(ESTIMATORS) == set(get_args(AdvantageEstimator)), "ESTIMATORS and config.AdvantageEstimator disagree"
+assert set(_ESTIMATE) == set(ADVANTAGE_ESTIMATORS), "advantages._ESTIMATE and config ADVANTAGE_ESTIMATORS disagree"
+
+ESTIMATORS: dict[str, Estimator] = {
+    name: Estimator(_ESTIMATE[name], needs_values=v.needs_values, whitened_by_trainer=v.whitened_by_trainer)
+    for name, v in ADVANTAGE_ESTIMATORS.items()
+}

@@ -3,32 +3,43 @@ controllers that set the KL penalty coefficient (beta)."""
 
 from __future__ import annotations
 
-from typing import get_args
+from collections.abc import Callable
 
 import torch
 
-from llm_rl.config.choices import KLEstimator
+from llm_rl.config import variants
+from llm_rl.config.variants import default_kl_estimator, kl_estimators_for
 
 Tensor = torch.Tensor
 
-KL_ESTIMATORS = get_args(KLEstimator)
+KL_ESTIMATORS = tuple(variants.KL_ESTIMATORS)
 # estimators whose expected gradient, as a loss term, is the gradient of a KL: k2 of KL(pi || pi_ref),
 # k3 of KL(pi_ref || pi) (see `kl_penalty`); k1's is 0 and abs's is no KL's
-KL_LOSS_ESTIMATORS = ("k2", "k3")
+KL_LOSS_ESTIMATORS = tuple(kl_estimators_for("loss"))
+
+# each estimator's per-token term of r = logprobs - ref_logprobs, keyed by its name in the config's variant table
+_KL_TERMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "k1": lambda r: r,
+    "k2": lambda r: 0.5 * r.square(),
+    "k3": lambda r: torch.expm1(-r) + r,  # with samples from pi, exp(-r) = pi_ref / pi is the density ratio
+    "abs": lambda r: r.abs(),
+}
+assert set(_KL_TERMS) == set(KL_ESTIMATORS), "kl._KL_TERMS and config KL_ESTIMATORS disagree"
 
 
 def kl_penalty(
-    logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1", mask: Tensor | None = None
+    logprobs: Tensor, ref_logprobs: Tensor, estimator: str = default_kl_estimator("reward"), mask: Tensor | None = None
 ) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from sampled tokens.
 
     logprobs, ref_logprobs: ``(batch, resp_len)`` log-probs of the sampled
-    tokens under the policy and the reference. With ``r = logprobs - ref_logprobs``:
+    tokens under the policy and the reference. With ``r = logprobs - ref_logprobs``,
+    ``estimator`` (one of `KL_ESTIMATORS`; default: the one of the reward) is
 
-    - ``"k1"``: ``r`` (unbiased, high variance, can be negative per token)
-    - ``"k2"``: ``0.5 * r**2`` (biased, low variance, always >= 0)
-    - ``"k3"``: ``exp(-r) - 1 + r`` (unbiased and always >= 0)
-    - ``"abs"``: ``|r|``
+    - ``k1``: ``r`` (unbiased, high variance, can be negative per token)
+    - ``k2``: ``0.5 * r**2`` (biased, low variance, always >= 0)
+    - ``k3``: ``exp(-r) - 1 + r`` (unbiased and always >= 0)
+    - ``abs``: ``|r|``
 
     ``mask`` ``(batch, resp_len)``: positions outside it are 0. ``r`` is zeroed
     there *before* any ``exp``, so the arbitrary log-probs of padding can never
@@ -45,21 +56,15 @@ def kl_penalty(
     http://joschu.net/blog/kl-approx.html; Tang & Munos 2025, "On a few
     pitfalls in KL divergence gradient estimation for RL".
     """
+    term = _KL_TERMS.get(estimator)
+    if term is None:
+        raise ValueError(
+            f"unknown KL estimator {estimator!r}; valid estimators: {', '.join(KL_ESTIMATORS)}"
+        )
     r = logprobs - ref_logprobs
     if mask is not None:
         r = torch.where(mask.bool(), r, torch.zeros_like(r))
-    if estimator == "k1":
-        return r
-    if estimator == "k2":
-        return 0.5 * r.square()
-    if estimator == "k3":
-        # With samples from pi, exp(-r) = pi_ref / pi is the density ratio.
-        return torch.expm1(-r) + r
-    if estimator == "abs":
-        return r.abs()
-    raise ValueError(
-        f"unknown KL estimator {estimator!r}; valid estimators: {', '.join(KL_ESTIMATORS)}"
-    )
+    return term(r)
 
 
 class FixedKLController:

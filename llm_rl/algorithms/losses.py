@@ -7,26 +7,67 @@ detached scalar tensors for logging.
 
 from __future__ import annotations
 
-from typing import get_args
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from llm_rl.algorithms.ops import masked_mean, masked_sum
-from llm_rl.config.choices import LossAggregation
+from llm_rl.config import variants
+from llm_rl.config.variants import DEFAULT_LOSS_AGGREGATION, default_kl_estimator
 
 Tensor = torch.Tensor
 
-LOSS_AGGREGATIONS = get_args(LossAggregation)
+LOSS_AGGREGATIONS = tuple(variants.LOSS_AGGREGATIONS)
+
+
+def _token_mean(per_token_loss: Tensor, mask: Tensor, normalizer: Optional[Tensor | float]) -> Tensor:
+    if normalizer is None:
+        return masked_mean(per_token_loss, mask)
+    return masked_sum(per_token_loss, mask) / torch.as_tensor(normalizer).clamp(min=1)
+
+
+def _seq_mean_token_mean(per_token_loss: Tensor, mask: Tensor, normalizer: Optional[Tensor | float]) -> Tensor:
+    per_seq = masked_mean(per_token_loss, mask, dim=-1)  # (batch,), 0 for a row without tokens
+    if normalizer is None:
+        # Empty rows would otherwise count as a 0 loss and dilute the mean.
+        has_tokens = mask.to(per_token_loss.dtype).sum(dim=-1) > 0
+        return masked_mean(per_seq, has_tokens)
+    return per_seq.sum() / torch.as_tensor(normalizer).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A loss aggregation's functions (its description: llm_rl.config.variants.LOSS_AGGREGATIONS)."""
+
+    reduce: Callable[[Tensor, Tensor, Optional[Tensor | float]], Tensor]  # (per-token loss, mask, normalizer)
+    count: Callable[[Tensor], Tensor]  # (batch,) valid tokens per row -> what `reduce` divides by
+
+
+# keyed by the aggregation's name in the config's variant table
+_AGGREGATIONS = {
+    "token_mean": Aggregation(_token_mean, count=lambda tokens: tokens.sum()),
+    "seq_mean_token_mean": Aggregation(_seq_mean_token_mean, count=lambda tokens: (tokens > 0).float().sum()),
+}
+assert set(_AGGREGATIONS) == set(LOSS_AGGREGATIONS), "losses._AGGREGATIONS and config LOSS_AGGREGATIONS disagree"
+
+
+def _aggregation(loss_agg: str) -> Aggregation:
+    if loss_agg not in _AGGREGATIONS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}")
+    return _AGGREGATIONS[loss_agg]
 
 
 def aggregate_loss(
-    per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean", normalizer: Tensor | float | None = None
+    per_token_loss: Tensor, mask: Tensor, loss_agg: str = DEFAULT_LOSS_AGGREGATION,
+    normalizer: Tensor | float | None = None,
 ) -> Tensor:
-    """Reduce a ``(batch, resp_len)`` per-token loss to a scalar.
+    """Reduce a ``(batch, resp_len)`` per-token loss to a scalar, by ``loss_agg`` (one of `LOSS_AGGREGATIONS`):
 
-    - ``"token_mean"``: ``sum(l * m) / sum(m)``, every valid token in the batch
+    - ``token_mean``: ``sum(l * m) / sum(m)``, every valid token in the batch
       weighs the same (long responses dominate).
-    - ``"seq_mean_token_mean"``: mean over tokens within each sequence, then
+    - ``seq_mean_token_mean``: mean over tokens within each sequence, then
       mean over sequences that have at least one valid token, so every
       response weighs the same regardless of length.
 
@@ -37,30 +78,15 @@ def aggregate_loss(
     mini-batch mean, and the shares sum to that mean however the mini-batch is
     split. A count below 1 is taken as 1. Empty input gives 0.
     """
-    if loss_agg == "token_mean":
-        if normalizer is None:
-            return masked_mean(per_token_loss, mask)
-        return masked_sum(per_token_loss, mask) / torch.as_tensor(normalizer).clamp(min=1)
-    if loss_agg == "seq_mean_token_mean":
-        per_seq = masked_mean(per_token_loss, mask, dim=-1)  # (batch,), 0 for a row without tokens
-        if normalizer is None:
-            # Empty rows would otherwise count as a 0 loss and dilute the mean.
-            has_tokens = mask.to(per_token_loss.dtype).sum(dim=-1) > 0
-            return masked_mean(per_seq, has_tokens)
-        return per_seq.sum() / torch.as_tensor(normalizer).clamp(min=1)
-    raise ValueError(
-        f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}"
-    )
+    return _aggregation(loss_agg).reduce(per_token_loss, mask, normalizer)
 
 
-def loss_normalizer(mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+def loss_normalizer(mask: Tensor, loss_agg: str = DEFAULT_LOSS_AGGREGATION) -> Tensor:
     """The count `aggregate_loss` divides by: valid tokens (``token_mean``) or sequences with at least
     one valid token (``seq_mean_token_mean``) of ``mask`` ``(batch, resp_len)``. A float scalar, so the
     counts of micro-batches and processes can be summed into the mini-batch's."""
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}")
-    tokens = mask.float().sum(dim=-1)  # (batch,)
-    return tokens.sum() if loss_agg == "token_mean" else (tokens > 0).float().sum()
+    count = _aggregation(loss_agg).count
+    return count(mask.float().sum(dim=-1))
 
 
 def policy_loss(
@@ -70,7 +96,7 @@ def policy_loss(
     mask: Tensor,
     clip_range: float = 0.2,
     dual_clip: float | None = None,
-    loss_agg: str = "token_mean",
+    loss_agg: str = DEFAULT_LOSS_AGGREGATION,
     normalizer: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (as a loss to minimise).
@@ -136,7 +162,7 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     clip_range_value: float | None = 0.2,
-    loss_agg: str = "token_mean",
+    loss_agg: str = DEFAULT_LOSS_AGGREGATION,
     normalizer: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value-function loss.
@@ -196,8 +222,8 @@ def ppo_objective(
     vf_coef: float = 0.1,
     ent_coef: float = 0.0,
     kl_coef: float = 0.0,
-    kl_estimator: str = "k2",
-    loss_agg: str = "token_mean",
+    kl_estimator: str = default_kl_estimator("loss"),
+    loss_agg: str = DEFAULT_LOSS_AGGREGATION,
     normalizer: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The whole PPO loss of a batch, and its metrics under their logged names.

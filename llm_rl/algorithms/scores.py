@@ -10,11 +10,13 @@ import torch
 
 @dataclass(frozen=True)
 class Scores:
-    """What the rewards said about a rollout, in score units, ready for the update (phase 2's output).
+    """What the rewards said about a batch of completions, in score units (phase 2's output).
 
+    `llm_rl.rewards.functions.compute_rewards` gives the weighted sum of the rewards; phase 2
+    (`llm_rl.rewards.scoring`) then shapes it for the update: scaled, clipped, missing-EOS penalised.
     "Score" is what a reward gives; "reward" (`targets.Targets.token_rewards`) is what the estimator sees."""
 
-    sequence: torch.Tensor  # (batch,) each completion's score: weighted, scaled, clipped, missing-EOS penalised
+    sequence: torch.Tensor  # (batch,) each completion's score
     tokens: Optional[torch.Tensor]  # (batch, resp_len) token-level scores (reward functions', environment's turns)
     valid: torch.Tensor  # (batch,) bool: every reward gave a usable value; other rows get no loss
     per_reward: dict  # reward name -> (batch,) its value per row (NaN where unusable), for the completions log
@@ -38,18 +40,18 @@ def shape_scores(
     return scores
 
 
-def kl_rewards(kl: torch.Tensor, response_mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """KL as a reward: r_t = -beta * KL_t on response tokens, 0 elsewhere. (batch, resp_len) -> same."""
-    return torch.where(response_mask.bool(), -beta * kl, torch.zeros_like(kl))
+def kl_rewards(kl: torch.Tensor, action_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """KL as a reward: r_t = -beta * KL_t on the policy's tokens, 0 elsewhere. (batch, resp_len) -> same."""
+    return torch.where(action_mask.bool(), -beta * kl, torch.zeros_like(kl))
 
 
-def place_scores(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def place_scores(scores: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
     """Each sequence score on its last response token: (batch,), (batch, resp_len) -> (batch, resp_len).
 
     The last response token is the stop token when the response ended, never a pad position; a row
     with no response tokens gets nothing."""
-    placed = torch.zeros(response_mask.shape, dtype=scores.dtype, device=scores.device)
-    lengths = response_mask.long().sum(dim=1)  # (batch,)
+    placed = torch.zeros(action_mask.shape, dtype=scores.dtype, device=scores.device)
+    lengths = action_mask.long().sum(dim=1)  # (batch,)
     has_tokens = lengths > 0
     rows = torch.arange(placed.shape[0], device=placed.device)
     placed[rows[has_tokens], lengths[has_tokens] - 1] = scores[has_tokens]
@@ -57,10 +59,10 @@ def place_scores(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Ten
 
 
 def token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, beta: float
+    scores: torch.Tensor, kl: torch.Tensor, action_mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Per-token rewards r_t = -beta * KL_t, plus the sequence score on the last response token.
 
-    scores (batch,), kl (batch, resp_len), response_mask (batch, resp_len) -> (batch, resp_len).
+    scores (batch,), kl (batch, resp_len), action_mask (batch, resp_len) -> (batch, resp_len).
     """
-    return kl_rewards(kl, response_mask, beta) + place_scores(scores.to(kl.dtype), response_mask)
+    return kl_rewards(kl, action_mask, beta) + place_scores(scores.to(kl.dtype), action_mask)

@@ -1,4 +1,4 @@
-"""Phase 3 of an update: from a rollout and its scores to what the loss trains towards.
+"""Phase 4 of an update: from a rollout and its scores to what the loss trains towards.
 
     kl_t          = KL estimate of pi_old vs pi_ref at each action              (kl.kl_penalty)
     r_t           = -beta * kl_t + token score_t (+ the sequence score on the last action)
@@ -70,7 +70,7 @@ def compute_targets(
     """Targets of `rollout` (its old log-probs, values if the estimator needs them, reference log-probs or
     None) under `scores`. `beta` weighs the KL in the rewards (0 when the KL is a loss term instead);
     `turn_discount`: multi-turn episodes take gamma per turn boundary, not per action."""
-    loss_mask = rollout.response_mask * scores.valid[:, None].to(rollout.response_mask.dtype)
+    loss_mask = rollout.action_mask * scores.valid[:, None].to(rollout.action_mask.dtype)
     if rollout.ref_logprobs is not None:
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, kl_estimator, loss_mask)
     else:
@@ -80,7 +80,7 @@ def compute_targets(
         rewards = rewards + scores.tokens * loss_mask
     if whiten_rewards:
         rewards = masked_whiten(rewards, loss_mask, shift_mean=False, reduce=reduce)
-    episodes = rollout.context_mask is not None
+    episodes = rollout.is_episode
     spec = ESTIMATORS[estimator]
     advantages, returns = spec.estimate(EstimatorInput(
         rewards, loss_mask, gamma=gamma, lam=lam, values=rollout.values, group_size=group_size,

@@ -1,5 +1,10 @@
 """Configuration: typed sections, YAML and command-line loading, TRL/OpenRLHF aliases, user errors.
 
+The modules: `sections` (the PPO config) and `reward_training` (the reward-model config), built
+from the option groups of `groups`; `rules` (what `validate` checks); `variants` (the advantage
+estimators, KL estimators and loss aggregations, with their properties) and `choices` (the
+option types); `loading`, `aliases`, `paths`, `specs` and `errors`.
+
 The lowest layer: it imports nothing else of llm_rl and no torch, so reading a config and reporting
 its mistakes is fast.
 """

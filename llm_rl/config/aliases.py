@@ -1,4 +1,8 @@
-"""TODO docstring"""
+"""The option names of TRL and OpenRLHF, mapped to the keys they mean here, and the "unknown key" message.
+
+A key a config does not have is reported with the key meant (when it is a known alias, with what
+differs in meaning) or the closest valid keys; aliases are only suggested, never applied.
+"""
 
 from __future__ import annotations
 

@@ -1,31 +1,22 @@
-"""TODO docstring"""
+"""The config's string options as `Literal` types: loading checks a value against them (`coerce`).
+
+The variant options take their choices from the tables of llm_rl.config.variants, so a name is
+written once; the implementations (llm_rl.algorithms) are keyed by the same names. They live in
+the config layer, not beside those implementations, so that reading a config imports no torch.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-# The choices of the config's string options, as types: loading checks membership (`coerce`), and the
-# modules that implement them read them from here (llm_rl.algorithms.advantages.ESTIMATORS is keyed by
-# AdvantageEstimator). They live here, not in those modules, so that reading a config imports no torch.
-AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp", "prefix_diff"]
+from llm_rl.config.variants import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
-
-KLEstimator = Literal["k1", "k2", "k3", "abs"]
-
+AdvantageEstimator = Literal[tuple(ADVANTAGE_ESTIMATORS)]
+KLEstimator = Literal[tuple(KL_ESTIMATORS)]
+LossAggregation = Literal[tuple(LOSS_AGGREGATIONS)]
 
 KLPlacement = Literal["reward", "loss"]
-
-
-LossAggregation = Literal["token_mean", "seq_mean_token_mean"]
-
-
 Schedule = Literal["constant", "linear", "cosine"]
-
-
 TorchDtype = Literal["float32", "bfloat16", "float16", "auto"]
-
-
 Decoding = Literal["greedy", "sampled"]
-
-
 Discount = Literal["turn", "token"]

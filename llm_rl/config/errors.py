@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""The errors a user has to fix (config, data, reward, checkpoint, model loading).
+
+`llm-rl` prints a `UserError` on one line, under its `label`, and exits 2 without a traceback;
+`loading` turns the OSError/ValueError of a failed model or tokenizer load into a ModelLoadError
+naming the config key.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring"""
+"""Reading a config: YAML files, `--key value` command-line overrides, and the conversion of each
+value to its field's declared type (`coerce`, whose messages name the key); writing one back as
+YAML; the `--help` listing of a config dataclass. Shared by the PPO and the reward-model config.
+"""
 
 from __future__ import annotations
 
@@ -79,7 +82,6 @@ def fill_from_yaml(config, path: Optional[str | Path], overrides: Optional[list[
         config.update(parse_overrides(overrides, bools), source="command line")
     config.validate()
     return config
-
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""Config values that name things outside the config: trackers (`report_to`) and local paths.
+
+`check_report_to` refuses an unknown tracker or one whose package is missing before any model
+loads; `missing_local_path` tells a local path that does not exist from a Hub id, so a typo
+fails at once instead of after a minute of Hub retries.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,6 @@ TRACKER_PACKAGES = {
     "tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow", "aim": "aim",
     "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
 }
-
-
 REPORT_TO_HELP = "accelerate trackers, comma-separated: none, all, tensorboard, wandb, mlflow, comet_ml, ..."
 
 

@@ -1,8 +1,10 @@
-"""Configuration: one dataclass per concern, loaded from YAML plus `--key value` overrides.
+"""The PPO config: one dataclass per concern (a section), loaded from YAML plus `--key value` overrides.
 
 A config file may be flat (`learning_rate: 1e-5`) or grouped by section
 (`ppo: {learning_rate: 1e-5}`); every field name is unique across sections, so a
 flat key always finds its home. Unknown keys fail with the closest valid names.
+The option groups shared with the reward-model config come from llm_rl.config.groups,
+the checks of `Config.validate` from llm_rl.config.rules.
 """
 
 from __future__ import annotations
@@ -14,34 +16,35 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llm_rl.config.aliases import unknown_key_message
-from llm_rl.config.choices import (
-    AdvantageEstimator,
-    Decoding,
-    Discount,
-    KLEstimator,
-    KLPlacement,
-    LossAggregation,
-    Schedule,
-    TorchDtype,
-)
+from llm_rl.config.choices import AdvantageEstimator, Decoding, Discount, KLEstimator, KLPlacement, LossAggregation
 from llm_rl.config.errors import ConfigError
+from llm_rl.config.groups import (
+    CheckpointOptions,
+    DatasetSource,
+    HubOptions,
+    LoraOptions,
+    ModelSource,
+    OptimizerOptions,
+    RunOptions,
+)
 from llm_rl.config.loading import coerce, fill_from_yaml, option_lines, write_yaml
-from llm_rl.config.paths import REPORT_TO_HELP, check_report_to, missing_local_path
-
-# shared with the reward-model config (llm_rl.training.reward_trainer), which loads models the same way
-TRUST_REMOTE_CODE_HELP = "Run model code from the Hub. Off unless you trust the repository."
-TORCH_DTYPE_HELP = "Weights dtype: float32, bfloat16, float16 or auto. Mixed precision comes from accelerate."
-
-
-
-
+from llm_rl.config.paths import check_report_to, missing_local_path
+from llm_rl.config.rules import PPO_REWARD_RULES, PPO_RULES, check
+from llm_rl.config.variants import (
+    DEFAULT_ADVANTAGE_ESTIMATOR,
+    DEFAULT_LOSS_AGGREGATION,
+    advantage_estimator_help,
+    default_kl_estimator,
+    group_estimators,
+    kl_estimator_help,
+    loss_aggregation_help,
+)
 
 
 @dataclass
-class ModelConfig:
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Policy: a Hub id or a local folder, loaded with from_pretrained."}
-    )
+class ModelConfig(LoraOptions, ModelSource):
+    """The policy (`model_name_or_path`, how it loads, its LoRA options), its reference, tokenizer and value head."""
+
     ref_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Frozen reference model; defaults to a copy of the initial policy."}
     )
@@ -52,39 +55,18 @@ class ModelConfig:
         default=None,
         metadata={"help": "Folder holding value_head.safetensors to start the value head from (e.g. a previous run)."},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
-    torch_dtype: TorchDtype = field(default="float32", metadata={"help": TORCH_DTYPE_HELP})
     value_head_init_std: float = field(
         default=0.0, metadata={"help": "Std of the value head's initial weights (0 = zeros: V starts at 0)."}
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% more compute."}
     )
-    use_peft: bool = field(
-        default=False,
-        metadata={"help": "Train LoRA adapters (+ the value head) only; the reference is the adapter-disabled model."},
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(
-        default=0.0, metadata={"help": "LoRA dropout (keep 0 for PPO: the rollout and training forwards must agree)."}
-    )
-    lora_target_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "Module names to adapt, or ['all-linear']; default: peft's choice per model."}
-    )
-    merge_adapter: bool = field(
-        default=False, metadata={"help": "Save the policy with the adapter merged (a plain model) instead of the adapter."}
-    )
 
 
 @dataclass
-class DataConfig:
-    dataset_name: Optional[str] = field(
-        default=None,
-        metadata={"help": "Prompts: a Hub dataset id, a local folder, or a .json/.jsonl/.csv/.parquet file."},
-    )
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to take prompts from."})
+class DataConfig(DatasetSource):
+    """The prompts (`dataset_name`, `dataset_split`), how they are cut and shuffled, and the held-out prompts."""
+
     prompt_column: str = field(
         default="prompt",
         metadata={"help": "Column with the prompt: a string, or chat messages rendered with the chat template."},
@@ -99,9 +81,6 @@ class DataConfig:
         default=None,
         metadata={"help": "Held-out prompts, in the forms dataset_name takes; default: dataset_name when eval_split "
                           "is set."},
-    )
-    eval_split: Optional[str] = field(
-        default=None, metadata={"help": "Split of the held-out prompts (e.g. test); null: 'train' of eval_dataset_name."}
     )
     eval_max_prompts: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on the first N held-out prompts only (null = all)."}
@@ -141,6 +120,8 @@ class SamplingConfig:
 
 @dataclass
 class RewardConfig:
+    """How completions are scored: a reward model and/or reward functions, weighted, scaled and clipped."""
+
     reward_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Sequence classifier with one output, scoring prompt + completion."}
     )
@@ -168,24 +149,11 @@ class RewardConfig:
 
 
 @dataclass
-class PPOConfig:
-    batch_size: int = field(
-        default=16, metadata={"help": "Prompts rolled out per update, per process (x num_generations rows)."}
-    )
+class PPOConfig(OptimizerOptions):
+    """The update: batch sizes, optimizer, clipped losses, discount, KL penalty and advantage estimator."""
+
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per mini-batch (trades memory for nothing else)."}
-    )
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
-    lr_scheduler_type: Schedule = field(
-        default="constant", metadata={"help": "constant, linear or cosine, after warmup_steps (with any of them)."}
-    )
-    warmup_steps: int = field(
-        default=0, metadata={"help": "Linear warmup from 0, in optimizer steps; applies to every lr_scheduler_type."}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Clip the global grad norm (None = off)."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
     dual_clip: Optional[float] = field(
         default=None, metadata={"help": "Dual-clip constant c > 1 bounding the loss of negative advantages."}
@@ -196,15 +164,9 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "Discount over response tokens."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the batch."})
-    loss_agg: LossAggregation = field(
-        default="token_mean", metadata={"help": "token_mean, or seq_mean_token_mean (mean per sequence first)."}
-    )
+    loss_agg: LossAggregation = field(default=DEFAULT_LOSS_AGGREGATION, metadata={"help": loss_aggregation_help()})
     kl_coef: float = field(default=0.05, metadata={"help": "Initial beta of the KL penalty to the reference."})
-    kl_estimator: Optional[KLEstimator] = field(
-        default=None,
-        metadata={"help": "KL estimator: k1, k2, k3 or abs; default k1 in the reward, k2 in the loss (its gradient "
-                          "is the KL's). In the loss k3 follows the forward KL(ref || policy); k1 and abs are refused."},
-    )
+    kl_estimator: Optional[KLEstimator] = field(default=None, metadata={"help": kl_estimator_help()})
     kl_placement: KLPlacement = field(
         default="reward", metadata={"help": "'reward': -beta*KL in token rewards (classic PPO); 'loss': a loss term."}
     )
@@ -212,56 +174,27 @@ class PPOConfig:
     kl_target: float = field(default=6.0, metadata={"help": "Target KL per sequence for the adaptive controller."})
     kl_horizon: int = field(default=10000, metadata={"help": "Horizon of the adaptive controller."})
     advantage_estimator: AdvantageEstimator = field(
-        default="gae",
-        metadata={"help": "gae (value head), or critic-free: grpo, rloo (need num_generations >= 2), reinforce_pp, "
-                          "prefix_diff (needs a reward model on the policy's tokenizer)."},
+        default=DEFAULT_ADVANTAGE_ESTIMATOR, metadata={"help": advantage_estimator_help()}
     )
     num_generations: int = field(
-        default=1, metadata={"help": "Completions sampled per prompt (a group, for grpo/rloo)."}
+        default=1, metadata={"help": f"Completions sampled per prompt (a group, for {'/'.join(group_estimators())})."}
     )
 
     @property
     def kl_estimator_in_use(self) -> str:
-        """`kl_estimator`, or its default for the placement: k1 in the reward, k2 in the loss."""
-        return self.kl_estimator or ("k2" if self.kl_placement == "loss" else "k1")
+        """`kl_estimator`, or its default for the placement (llm_rl.config.variants.KL_ESTIMATORS)."""
+        return self.kl_estimator or default_kl_estimator(self.kl_placement)
 
 
 @dataclass
-class CheckpointOptions:
-    """The checkpoint keys of every run (`llm_rl.training.run`): PPO's `TrainConfig` and the reward-model config."""
+class TrainConfig(HubOptions, RunOptions, CheckpointOptions):
+    """The run: output folder, length, checkpoints, logging, held-out evaluation, trackers, Hub upload."""
 
-    save_steps: int = field(
-        default=100,
-        metadata={"help": "Write a resumable checkpoint every N updates (reward training: optimizer steps); one is "
-                          "always written at the end (0 = only at the end)."},
-    )
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
-    resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "'latest' (newest in output_dir, if any) or a checkpoint-N folder."}
-    )
-
-
-@dataclass
-class TrainConfig(CheckpointOptions):
-    output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the policy, config and metrics go."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into a folder that already holds another run."}
-    )
-    seed: int = field(default=42, metadata={"help": "Seed for every random choice."})
     max_updates: Optional[int] = field(default=None, metadata={"help": "Stop after this many PPO updates."})
     max_seconds: Optional[float] = field(
         default=None,
         metadata={"help": "Also stop once training has run this long (wall clock; the LR schedule still spans "
                           "max_updates)."},
-    )
-    num_train_epochs: float = field(
-        default=1.0, metadata={"help": "Passes over the prompts (used when max_updates is not set)."}
-    )
-    logging_steps: int = field(default=10, metadata={"help": "Print a summary line every N updates (and the last)."})
-    eval_steps: int = field(
-        default=0,
-        metadata={"help": "Evaluate on the held-out prompts (and the callbacks' on_evaluate) every N updates and at the "
-                          "end (0 = at the end only)."},
     )
     eval_decoding: list[Decoding] = field(
         default_factory=lambda: ["greedy"],
@@ -273,18 +206,12 @@ class TrainConfig(CheckpointOptions):
                           "completions.jsonl and the trackers (0 = off)."},
     )
     log_completions_count: int = field(default=8, metadata={"help": "Rows per completions table."})
-    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
-    run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name."})
-    progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process."})
-    push_to_hub: bool = field(
-        default=False, metadata={"help": "Upload the final output folder (policy, tokenizer, card) to the Hub."}
-    )
-    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id, e.g. 'user/model-ppo'."})
-    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
 
 @dataclass
 class EnvironmentConfig:
+    """Multi-turn episodes: the environment class and the limits of an episode."""
+
     environment: Optional[str] = field(
         default=None,
         metadata={"help": "Multi-turn episodes: an environment class as 'module.path:Class' or 'file.py:Class' with "
@@ -384,92 +311,11 @@ class Config:
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
-        """Check values that the types alone do not constrain; raise ConfigError saying what to fix."""
-        ppo, sampling, reward, data, train = self.ppo, self.sampling, self.reward, self.data, self.train
-        checks = [
-            (ppo.batch_size >= 1, "batch_size must be >= 1"),
-            (ppo.num_mini_batches >= 1, "num_mini_batches must be >= 1"),
-            (ppo.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-            (ppo.num_generations >= 1, "num_generations must be >= 1"),
-            (
-                ppo.batch_size * ppo.num_generations % (ppo.num_mini_batches * ppo.gradient_accumulation_steps) == 0,
-                f"batch_size * num_generations ({ppo.batch_size} * {ppo.num_generations}) must be divisible by "
-                f"num_mini_batches * gradient_accumulation_steps ({ppo.num_mini_batches} * {ppo.gradient_accumulation_steps})",
-            ),
-            (ppo.advantage_estimator not in ("grpo", "rloo") or ppo.num_generations >= 2,
-             f"advantage_estimator {ppo.advantage_estimator} compares completions of the same prompt: "
-             "set num_generations >= 2"),
-            (ppo.advantage_estimator != "prefix_diff" or reward.reward_model_name_or_path is not None,
-             "advantage_estimator prefix_diff scores every prefix with a reward model: set reward_model_name_or_path"),
-            (ppo.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
-            (ppo.learning_rate > 0, "learning_rate must be > 0"),
-            (ppo.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (ppo.clip_range > 0, "clip_range must be > 0"),
-            (ppo.dual_clip is None or ppo.dual_clip > 1, "dual_clip must be > 1 (or null to disable)"),
-            (ppo.clip_range_value is None or ppo.clip_range_value > 0, "clip_range_value must be > 0 or null"),
-            (0 <= ppo.gamma <= 1, "gamma must be in [0, 1]"),
-            (0 <= ppo.lam <= 1, "lam must be in [0, 1]"),
-            (ppo.kl_coef >= 0, "kl_coef must be >= 0"),
-            (ppo.kl_placement != "loss" or ppo.kl_estimator_in_use in ("k2", "k3"),
-             f"kl_placement: loss with kl_estimator {ppo.kl_estimator}: its expected gradient is "
-             + ("0, so nothing pulls the policy back to the reference" if ppo.kl_estimator == "k1" else "no KL's")
-             + "; use kl_estimator: k2 (the default in the loss, whose gradient is the gradient of KL(policy || ref)) "
-             "or k3 (the gradient of the forward KL(ref || policy), as in GRPO)"),
-            (ppo.advantage_estimator != "prefix_diff" or not reward.whiten_rewards,
-             "advantage_estimator prefix_diff subtracts the reward model's prefix scores from the rewards, which "
-             "whiten_rewards would rescale and the prefix scores not: set whiten_rewards: false (whiten_advantages "
-             "normalises the advantages)"),
-            (sampling.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (sampling.temperature > 0, "temperature must be > 0 (log-probs are taken at the sampling temperature)"),
-            (sampling.top_k >= 0, "top_k must be >= 0"),
-            (0 < sampling.top_p <= 1, "top_p must be in (0, 1]"),
-            (sampling.generation_batch_size is None or sampling.generation_batch_size >= 1, "generation_batch_size must be >= 1"),
-            (data.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
-            (train.max_updates is None or train.max_updates >= 1, "max_updates must be >= 1"),
-            (train.num_train_epochs > 0, "num_train_epochs must be > 0"),
-            (train.max_seconds is None or train.max_seconds > 0, "max_seconds must be > 0"),
-            (train.logging_steps >= 1, "logging_steps must be >= 1"),
-            (train.save_steps >= 0, "save_steps must be >= 0"),
-            (not train.push_to_hub or bool(train.hub_model_id), "push_to_hub needs hub_model_id (e.g. 'user/model-ppo')"),
-            (train.save_total_limit is None or train.save_total_limit >= 1, "save_total_limit must be >= 1 or null"),
-            (train.eval_steps >= 0, "eval_steps must be >= 0"),
-            (bool(train.eval_decoding), "eval_decoding: a list of greedy and/or sampled"),
-            (data.eval_max_prompts is None or data.eval_max_prompts >= 1, "eval_max_prompts must be >= 1 or null"),
-            (train.log_completions_steps >= 0, "log_completions_steps must be >= 0"),
-            (train.log_completions_count >= 1, "log_completions_count must be >= 1"),
-            (self.model.lora_r >= 1, "lora_r must be >= 1"),
-            (self.environment.max_turns >= 1, "max_turns must be >= 1"),
-            (self.environment.max_episode_tokens >= 1, "max_episode_tokens must be >= 1"),
-            (self.environment.environment is None or ppo.advantage_estimator in ("gae", "grpo", "rloo", "reinforce_pp"),
-             "advantage_estimator prefix_diff scores one response with a reward model; it has no multi-turn form: "
-             "use gae, grpo, rloo or reinforce_pp with an environment"),
-            (self.environment.environment is None or self.eval_dataset is None,
-             "held-out evaluation from eval_dataset_name / eval_split scores single responses; with an environment, "
-             "evaluate episodes in a callback's on_evaluate (llm_rl/demos/dialogue.py has one)"),
-            (self.environment.environment is None or (reward.reward_model_name_or_path is None and not reward.reward_funcs),
-             "an environment gives the rewards of multi-turn episodes: remove reward_funcs / "
-             "reward_model_name_or_path, or score inside the environment's step()"),
-            (0 <= self.model.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        check_report_to(train.report_to)
-        n_rewards = int(reward.reward_model_name_or_path is not None) + len(reward.reward_funcs)
-        if reward.reward_weights is not None and len(reward.reward_weights) != n_rewards:
-            raise ConfigError(
-                f"reward_weights has {len(reward.reward_weights)} entries but there are {n_rewards} rewards "
-                "(the reward model first, then reward_funcs in order)"
-            )
-        for spec in reward.reward_funcs + (reward.eval_reward_funcs or []):
-            if not isinstance(spec, str) or ":" not in spec:
-                raise ConfigError(f"reward_funcs entry {spec!r} must look like 'package.module:function'")
-
-
-
-
-
-
+        """Check values that the types alone do not constrain (llm_rl.config.rules); raise ConfigError
+        saying what to fix."""
+        check(PPO_RULES, self)
+        check_report_to(self.train.report_to)
+        check(PPO_REWARD_RULES, self)
 
 
 FIELD_OWNER: dict[str, str] = {}
@@ -484,31 +330,8 @@ for _section, _cls in SECTIONS.items():
         FIELD_HELP[_f.name] = _f.metadata.get("help", "")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def format_help() -> str:
+    """The keys of `llm-rl ppo --help`, section by section."""
     lines = []
     for section, cls in SECTIONS.items():
         lines += [f"\n{section}:", *option_lines(cls)]

@@ -28,7 +28,7 @@ from llm_rl.tasks import arithmetic
 from llm_rl.training import output_dir as run_dir
 from llm_rl.training.callbacks import Evaluate
 
-DEMO_CONFIG = Path(__file__).parent / "tasks" / "addition_ppo.yaml"
+DEMO_CONFIG = Path(__file__).parents[1] / "tasks" / "addition_ppo.yaml"
 
 
 @dataclass
@@ -70,14 +70,14 @@ def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
     answers = [p.answer for p in problems]
     texts, greedy = arithmetic.complete(policy.pretrained_model, tokenizer, problems, greedy=True)
     out = {"accuracy": sum(arithmetic.reward(None, texts, answers)) / len(problems),
-           "length": float(greedy.response_mask.sum(1).float().mean())}
+           "length": float(greedy.action_mask.sum(1).float().mean())}
     texts, sampled = arithmetic.complete(policy.pretrained_model, tokenizer, problems, greedy=False,
                                          temperature=temperature)
     out["reward"] = sum(arithmetic.reward(None, texts, answers)) / len(problems)
     logprobs, _ = logprobs_and_values(policy, sampled, temperature, chunk_size=len(problems))
     with reference_context() as ref:
         ref_logprobs, _ = logprobs_and_values(ref, sampled, temperature, chunk_size=len(problems), reference=True)
-    out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * sampled.response_mask).sum(1).mean())
+    out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * sampled.action_mask).sum(1).mean())
     return out
 
 

@@ -25,7 +25,7 @@ from llm_rl.tasks import arithmetic, dialogue
 from llm_rl.training.callbacks import Evaluate
 
 GAMMAS = (0.9, 0.0)
-DIALOGUE_CONFIG = Path(__file__).parent / "tasks" / "dialogue_ppo.yaml"
+DIALOGUE_CONFIG = Path(__file__).parents[1] / "tasks" / "dialogue_ppo.yaml"
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from llm_rl.algorithms.advantages import ESTIMATORS
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.sections import Config
+from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
 from llm_rl.models.value_head import CausalLMWithValueHead
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def load_policy(config: Config, tokenizer) -> CausalLMWithValueHead:
         raise ConfigError("model_name_or_path is not set: give a Hub id or a local folder of a causal LM")
     policy = CausalLMWithValueHead.from_pretrained(
         m.model_name_or_path,
-        value_head=ESTIMATORS[config.ppo.advantage_estimator].needs_values,  # critic-free: no head to store or train
+        # critic-free: no head to store or train
+        value_head=ADVANTAGE_ESTIMATORS[config.ppo.advantage_estimator].needs_values,
         value_head_path=m.value_model_name_or_path,
         value_head_init_std=m.value_head_init_std,
         torch_dtype=m.torch_dtype,

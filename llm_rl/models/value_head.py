@@ -294,6 +294,17 @@ def find_value_head(name_or_path: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """`module` in eval mode inside the block, its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
 def gathered_for_generation(model: nn.Module, accelerator):
     """Yield the policy's transformers model with full weights for `generate`.
 

@@ -15,24 +15,15 @@ from typing import TYPE_CHECKING, Optional
 
 import yaml
 
-from llm_rl.algorithms.advantages import ESTIMATORS
 from llm_rl.config.paths import looks_local
 from llm_rl.config.sections import Config
+from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
 from llm_rl.version import __version__
 
 if TYPE_CHECKING:
     from llm_rl.config.reward_training import RewardTrainingConfig
 
 CARD_METRICS = ("score/mean", "kl/per_sequence", "entropy", "response/length", "response/eos_rate")
-ESTIMATOR_TEXT = {
-    "gae": "GAE(gamma, lam) advantages from a value head on the policy's backbone, clipped policy and value losses",
-    "grpo": "group-normalised (GRPO) advantages over the completions of each prompt, no value head, clipped policy loss",
-    "rloo": "leave-one-out (RLOO) advantages over the completions of each prompt, no value head, clipped policy loss",
-    "reinforce_pp": "REINFORCE++ advantages (discounted returns whitened over the batch), no value head, clipped "
-                    "policy loss",
-    "prefix_diff": "per-token advantages from differences of the reward model's prefix scores, no value head, "
-                   "clipped policy loss",
-}
 
 
 def hub_id(name: Optional[str], data: bool = False) -> Optional[str]:
@@ -78,7 +69,8 @@ def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: st
     ]
     kl = "a KL penalty to the reference in the loss" if p.kl_placement == "loss" else (
         "a KL penalty to the reference on every token's reward, the sequence score on the last token")
-    value_head = ESTIMATORS[p.advantage_estimator].needs_values
+    estimator = ADVANTAGE_ESTIMATORS[p.advantage_estimator]
+    value_head = estimator.needs_values
     saved = ("a LoRA adapter (peft)" if adapter else "a plain causal LM") + (
         ", plus `value_head.safetensors` (the value head, for resuming PPO)" if value_head else "")
     repo = repo_id or "REPO_ID"
@@ -89,7 +81,7 @@ def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: st
     body = f"""# {Path(config.train.output_dir).name}
 
 Fine-tuned from `{m.model_name_or_path}` by [llm_rl](https://pypi.org/project/llm_rl/) {__version__}
-with token-level PPO: {kl}; {ESTIMATOR_TEXT[p.advantage_estimator]}.
+with token-level PPO: {kl}; {estimator.card}.
 
 - prompts: `{d.dataset_name}` (split `{d.dataset_split}`, column `{d.prompt_column}`)
 - reward: {", ".join(rewards) or "none"}

@@ -11,11 +11,11 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from llm_rl.algorithms.scores import Scores
 from llm_rl.config.errors import UserError
 from llm_rl.config.specs import import_from_spec
 
@@ -32,7 +32,7 @@ class RewardError(UserError):
 
 def load_reward_function(spec: str) -> RewardFn:
     """'package.module:function' or 'path/to/file.py:function' -> the callable."""
-    fn = import_from_spec(spec, "reward function")
+    fn = import_from_spec(spec, "reward function", RewardError)
     fn.__reward_name__ = spec.rpartition(":")[2]  # metrics say reward/exact_match, not reward/path/to/file.py:exact_match
     return fn
 
@@ -91,15 +91,6 @@ def check_signature(fn: RewardFn, columns: list[str]) -> None:
 
 
 
-@dataclass
-class RewardResult:
-    scores: torch.Tensor  # (batch,) weighted sum of the sequence-level rewards
-    token_scores: Optional[torch.Tensor]  # (batch, resp_len) weighted sum of the token-level rewards, or None
-    valid: torch.Tensor  # (batch,) bool: every reward gave a usable value for this row
-    means: dict  # reward name -> mean over valid rows (per sequence; token rewards summed per sequence)
-    rows: dict = field(default_factory=dict)  # reward name -> (batch,) its value per row (NaN where unusable)
-
-
 
 
 
@@ -113,7 +104,7 @@ def compute_rewards(
     completion_ids: Optional[list[list[int]]] = None,
     skip_invalid: bool = False,
     prompt_messages: Optional[list] = None,
-) -> RewardResult:
+) -> Scores:
     """Call every reward and combine their outputs with `weights`.
 
     A reward returns one float per completion, or (token-level) one list of floats per
@@ -162,7 +153,7 @@ def compute_rewards(
         rows[name] = per_row
     if token_scores is not None:
         token_scores = token_scores * valid[:, None]
-    return RewardResult(scores * valid, token_scores, valid, means, rows)
+    return Scores(sequence=scores * valid, tokens=token_scores, valid=valid, per_reward=rows, means=means)
 
 
 def accepts(fn, keyword: str) -> bool:

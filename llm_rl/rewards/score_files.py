@@ -160,7 +160,7 @@ def score_records(
             scores = compute_rewards(
                 [reward], None, [row[prompt_column] for row in rows], [row[completion_column] for row in rows],
                 columns,
-            ).scores
+            ).sequence
         except RewardError as e:
             where = batch[0].location if len(batch) == 1 else f"{batch[0].location} to {batch[-1].location}"
             raise RewardError(f"scoring {where}: {e}") from e

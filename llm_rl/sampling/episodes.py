@@ -25,7 +25,10 @@ import torch
 
 from llm_rl.algorithms.ops import left_pad, right_pad
 from llm_rl.config.errors import UserError
-from llm_rl.sampling.hf import generate_responses
+from llm_rl.config.specs import import_from_spec
+from llm_rl.sampling.hf import generate_responses, generating, repeat_rows
+from llm_rl.sampling.rollout import Rollout
+from llm_rl.sampling.sampler import SamplingSettings
 
 Observation = Union[str, list]
 
@@ -44,14 +47,14 @@ class EpisodeError(UserError):
 
 @dataclass
 class Episodes:
-    """A batch of finished episodes, aligned like a single-turn rollout (see llm_rl.sampling.rollout.Rollout)."""
+    """A batch of finished episodes, aligned like a rollout (`llm_rl.sampling.rollout.Rollout`, same mask names)."""
 
     prompt_ids: torch.Tensor  # (batch, prompt_len) the first observation, left-padded
     prompt_mask: torch.Tensor  # (batch, prompt_len)
     response_ids: torch.Tensor  # (batch, len) bot turns and later observations, right-padded
     response_mask: torch.Tensor  # (batch, len) 1 on real tokens
     action_mask: torch.Tensor  # (batch, len) 1 on the bot's tokens
-    turn_rewards: torch.Tensor  # (batch, len) each turn's reward on that turn's last token
+    turn_scores: torch.Tensor  # (batch, len) each turn's reward on that turn's last token
     turn_ends: torch.Tensor  # (batch, len) bool: last token of each bot turn
     ended: torch.Tensor  # (batch,) bool: the environment said done (else cut: bootstrap from V)
     num_turns: torch.Tensor  # (batch,) bot turns taken
@@ -144,22 +147,15 @@ def run_episodes(
     tokenizer,
     environments: list,
     rows: list[dict],
+    settings: SamplingSettings,
     *,
     max_turns: int,
     max_episode_tokens: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    stop_token_ids: list[int],
-    chunk_size: int,
-    do_sample: bool = True,
     device=None,
     max_prompt_length: Optional[int] = None,
 ) -> Episodes:
     """Play one episode per environment, all turns of all episodes batched: each turn, the episodes
     still running generate together (KV cache within the turn), then each environment answers."""
-    pad = tokenizer.pad_token_id
     episodes = [_Conversation(tokenizer, env.reset(row)) for env, row in zip(environments, rows)]
     for env, ep in zip(environments, episodes):
         if max_prompt_length is not None and len(ep.prompt) > max_prompt_length:
@@ -171,25 +167,36 @@ def run_episodes(
         running = [i for i, ep in enumerate(episodes) if not ep.done and not ep.cut]
         if not running:
             break
-        budget = min(max_new_tokens, max(max_episode_tokens - len(episodes[i].tokens) for i in running))
-        ids, mask = left_pad([episodes[i].context() for i in running], pad)
-        response_ids, response_mask, ended = generate_responses(
-            lm, ids.to(device), mask.to(device), max_new_tokens=budget, temperature=temperature, top_k=top_k,
-            top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad, chunk_size=chunk_size, do_sample=do_sample,
-        )
-        lengths = response_mask.sum(dim=1).tolist()
-        for row, i in enumerate(running):
-            ep = episodes[i]
-            reply = response_ids[row, : lengths[row]].tolist()[: max(max_episode_tokens - len(ep.tokens), 1)]
-            stopped = bool(ended[row]) and reply[-1] in stop_token_ids
-            text = tokenizer.decode(reply[:-1] if stopped else reply, skip_special_tokens=True)
-            observation, reward, done = checked_step(environments[i], text)
-            ep.add_response(reply, text, reward)
-            if done:
-                ep.done = True
-                continue
-            ep.add_observation(observation)
-            ep.cut = len(ep.tokens) >= max_episode_tokens
+        play_turn(lm, tokenizer, [episodes[i] for i in running], [environments[i] for i in running], settings,
+                  max_episode_tokens, device)
+    return stack_episodes(episodes, tokenizer, device)
+
+
+def play_turn(lm, tokenizer, episodes: list[_Conversation], environments: list, settings: SamplingSettings,
+              max_episode_tokens: int, device) -> None:
+    """One bot turn of each running episode, generated together, then each environment's answer."""
+    budget = min(settings.max_new_tokens, max(max_episode_tokens - len(ep.tokens) for ep in episodes))
+    ids, mask = left_pad([ep.context() for ep in episodes], settings.pad_token_id)
+    response_ids, action_mask, ended = generate_responses(
+        lm, ids.to(device), mask.to(device), settings, max_new_tokens=budget
+    )
+    lengths = action_mask.sum(dim=1).tolist()
+    for row, (ep, env) in enumerate(zip(episodes, environments)):
+        reply = response_ids[row, : lengths[row]].tolist()[: max(max_episode_tokens - len(ep.tokens), 1)]
+        stopped = bool(ended[row]) and reply[-1] in settings.stop_token_ids
+        text = tokenizer.decode(reply[:-1] if stopped else reply, skip_special_tokens=True)
+        observation, reward, done = checked_step(env, text)
+        ep.add_response(reply, text, reward)
+        if done:
+            ep.done = True
+            continue
+        ep.add_observation(observation)
+        ep.cut = len(ep.tokens) >= max_episode_tokens
+
+
+def stack_episodes(episodes: list[_Conversation], tokenizer, device) -> Episodes:
+    """Finished conversations as one batch: the first observations left-padded, the rest right-padded."""
+    pad = tokenizer.pad_token_id
     prompt_ids, prompt_mask = left_pad([ep.prompt for ep in episodes], pad)
     width = max(max(len(ep.tokens) for ep in episodes), 1)
     return Episodes(
@@ -198,7 +205,7 @@ def run_episodes(
         response_ids=right_pad([ep.tokens for ep in episodes], width, pad, torch.long).to(device),
         response_mask=right_pad([[1] * len(ep.tokens) for ep in episodes], width, 0, torch.long).to(device),
         action_mask=right_pad([ep.actions for ep in episodes], width, 0, torch.long).to(device),
-        turn_rewards=right_pad([ep.rewards for ep in episodes], width, 0.0, torch.float32).to(device),
+        turn_scores=right_pad([ep.rewards for ep in episodes], width, 0.0, torch.float32).to(device),
         turn_ends=right_pad([ep.turn_ends for ep in episodes], width, False, torch.bool).to(device),
         ended=torch.tensor([ep.done for ep in episodes], device=device),
         num_turns=torch.tensor([ep.turns for ep in episodes], device=device),
@@ -207,10 +214,33 @@ def run_episodes(
     )
 
 
+class EpisodeSampler:
+    """`Sampler` of multi-turn episodes: one `environment_class()` per episode (num_generations per dataset
+    row), every turn batched through `generate` on the training model. The rows of one dataset row do not
+    share a prompt the forwards could run once (an environment may start its copies differently)."""
+
+    def __init__(self, model, accelerator, tokenizer, settings: SamplingSettings, environment_class: type,
+                 num_generations: int, *, max_turns: int, max_episode_tokens: int, max_prompt_length: int):
+        self.model, self.accelerator, self.tokenizer, self.settings = model, accelerator, tokenizer, settings
+        self.environment_class, self.num_generations = environment_class, num_generations
+        self.limits = dict(max_turns=max_turns, max_episode_tokens=max_episode_tokens,
+                           max_prompt_length=max_prompt_length)
+
+    @torch.no_grad()
+    def sample(self, batch: dict) -> Rollout:
+        rows = repeat_rows(batch["rows"], self.num_generations)
+        with generating(self.model, self.accelerator) as lm:
+            episodes = run_episodes(lm, self.tokenizer, [self.environment_class() for _ in rows], rows, self.settings,
+                                    device=self.accelerator.device, **self.limits)
+        return Rollout(
+            episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.action_mask, episodes.ended,
+            response_mask=episodes.response_mask, turn_ends=episodes.turn_ends, num_turns=episodes.num_turns,
+            turn_scores=episodes.turn_scores, prompts=episodes.prompts, completions=episodes.transcripts,
+        )
+
+
 def load_environment(spec: str) -> type:
     """'package.module:Class' or 'path/to/file.py:Class' -> the class; checked for reset and step."""
-    from llm_rl.config.specs import import_from_spec
-
     cls = import_from_spec(spec, "environment", EpisodeError)
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:

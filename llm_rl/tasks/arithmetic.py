@@ -155,20 +155,20 @@ def complete(lm, tokenizer, problems: Sequence[Problem], greedy: bool, temperatu
     from llm_rl.algorithms.ops import left_pad
     from llm_rl.sampling.hf import generate_responses
     from llm_rl.sampling.rollout import Rollout, decode_responses
+    from llm_rl.sampling.sampler import SamplingSettings
 
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device
     prompt_ids, prompt_mask = left_pad([tokenizer(p.prompt).input_ids for p in problems], tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    response_ids, response_mask, ended = generate_responses(
-        lm, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
-        stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, chunk_size=len(problems),
-        do_sample=not greedy,
-    )
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                                stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                                chunk_size=len(problems), do_sample=not greedy)
+    response_ids, action_mask, ended = generate_responses(lm, prompt_ids, prompt_mask, settings)
     lm.train(was_training)
-    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended)
-    return decode_responses(tokenizer, response_ids, response_mask, ended), rollout
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, action_mask, ended)
+    return decode_responses(tokenizer, response_ids, action_mask, ended), rollout
 
 
 def sft_batch(problems: Sequence[Problem], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,17 +102,18 @@ def behaviour(lm, tokenizer, rows: Sequence[dict], greedy: bool, temperature: fl
     """Play one episode per row: the share of first replies that ask / apologise, the fix rate after a
     trace, and the mean discounted return."""
     from llm_rl.sampling.episodes import run_episodes
+    from llm_rl.sampling.sampler import SamplingSettings
 
     users = [DebugUser() for _ in rows]
-    episodes = run_episodes(
-        lm, tokenizer, users, list(rows), max_turns=max_turns, max_episode_tokens=16, max_new_tokens=2,
-        temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=[tokenizer.eos_token_id],
-        chunk_size=len(rows), do_sample=not greedy, device=next(lm.parameters()).device,
-    )
+    settings = SamplingSettings(max_new_tokens=2, temperature=temperature, top_k=0, top_p=1.0,
+                                stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                                chunk_size=len(rows), do_sample=not greedy)
+    episodes = run_episodes(lm, tokenizer, users, list(rows), settings, max_turns=max_turns, max_episode_tokens=16,
+                            device=next(lm.parameters()).device)
     first = [t.split("<eos>")[0] for t in episodes.transcripts]
     turn_index = episodes.turn_ends.long().cumsum(dim=1) - episodes.turn_ends.long()  # turn of each token
     discount = torch.where(episodes.action_mask.bool(), gamma ** turn_index.float(), torch.zeros(()))
-    returns = (episodes.turn_rewards * discount).sum(dim=1)
+    returns = (episodes.turn_scores * discount).sum(dim=1)
     asked = [f == ASK for f in first]
     fixed = [t.endswith(f"t{r['line']}>{r['line']}<eos>") for t, r in zip(episodes.transcripts, rows)]
     return {

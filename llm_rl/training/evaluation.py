@@ -15,15 +15,15 @@ totals are summed over processes, so each number is a mean over all held-out pro
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 
 from llm_rl.data.prompts import PromptData
-from llm_rl.models.value_head import gathered_for_generation
 from llm_rl.rewards.functions import RewardFn, compute_rewards, reward_name
-from llm_rl.sampling.hf import generate_responses
+from llm_rl.sampling.hf import generate_responses, generating
 from llm_rl.sampling.rollout import decode_responses
 
 
@@ -39,30 +39,25 @@ class Evaluator:
         acc = trainer.accelerator
         mine = list(range(acc.process_index, len(self.prompts), acc.num_processes))
         out = {}
-        unwrapped = acc.unwrap_model(trainer.model)
-        unwrapped.eval()
         for decoding in self.decodings:
             totals = self.decode_and_score(trainer, mine, sample=decoding == "sampled")
             g = trainer.global_sum(totals)
             rows = max(g.pop("rows"), 1.0)
             out.update({f"eval/{decoding}/{k}": v / rows for k, v in g.items()})
-        unwrapped.train()
         return out
 
     def decode_and_score(self, trainer, indices: list[int], sample: bool) -> dict[str, torch.Tensor]:
         """Sums over this process's held-out prompts (every key present on every process, even with none)."""
-        cfg_s, acc = trainer.config.sampling, trainer.accelerator
+        acc = trainer.accelerator
         names = [f"reward/{reward_name(fn)}" for fn in self.rewards]
         totals = {k: torch.zeros(()) for k in ("rows", "score", "length", "eos_rate", *names)}
-        chunk = trainer.generation_batch_size
-        with gathered_for_generation(trainer.model, acc) as lm, acc.autocast():
+        settings = dataclasses.replace(trainer.sampling, do_sample=sample)
+        chunk = settings.chunk_size
+        with generating(trainer.model, acc) as lm:
             for start in range(0, len(indices), chunk):
                 batch = self.prompts.batch(indices[start : start + chunk])
                 ids, mask, ended = generate_responses(
-                    lm, batch["prompt_ids"].to(acc.device), batch["prompt_mask"].to(acc.device),
-                    max_new_tokens=cfg_s.max_new_tokens, temperature=cfg_s.temperature, top_k=cfg_s.top_k,
-                    top_p=cfg_s.top_p, stop_token_ids=trainer.stop_token_ids,
-                    pad_token_id=trainer.tokenizer.pad_token_id, chunk_size=chunk, do_sample=sample,
+                    lm, batch["prompt_ids"].to(acc.device), batch["prompt_mask"].to(acc.device), settings
                 )
                 lengths = mask.sum(dim=1)
                 result = compute_rewards(
@@ -71,10 +66,10 @@ class Evaluator:
                     prompt_messages=batch.get("prompt_messages"),
                 )
                 totals["rows"] += len(lengths)
-                totals["score"] += result.scores.sum()
+                totals["score"] += result.sequence.sum()
                 totals["length"] += lengths.float().sum().cpu()
                 totals["eos_rate"] += ended.float().sum().cpu()
-                for name, values in result.rows.items():
+                for name, values in result.per_reward.items():
                     totals[f"reward/{name}"] += values.nan_to_num(0.0).sum()
         return totals
 

@@ -1,13 +1,15 @@
 """PPOTrainer: the loop. Each phase is one short method that returns a value; the maths are pure functions.
 
-    rollout = self.rollout(prompts)                    # 1. Rollout: sampled tokens, old + reference log-probs
-    scores = self.score(rollout)                       # 2. Scores: every reward, shaped
-    targets = self.targets(rollout, scores)            # 4. Targets: KL, token rewards, advantages, returns
-    stats = self.optimize(rollout, targets)            # 5. ppo_epochs x num_mini_batches x grad accumulation
-    metrics = self.update_metrics(...)                 # 6. adapt beta, evaluate, callbacks; then log, save
+    rollout = self.sampler.sample(batch)             # 1. Rollout: sampled token ids, masks, texts
+    scores = self.scorer.score(rollout)              # 2. Scores: every reward, shaped
+    rollout = self.old_and_reference(rollout)        # 3. old policy's log-probs + values, the reference's
+    rollout, forward = self.fused_old_policy(rollout)  #   (fused update: the first training forward is the old policy)
+    targets = self.targets(rollout, scores)          # 4. Targets: KL, token rewards, advantages, returns
+    stats = self.optimize(rollout, targets, forward) # 5. ppo_epochs x num_mini_batches x grad accumulation
+    metrics = self.collect_metrics(...)              # 6. adapt beta, evaluate, callbacks; then log, save
 
-Step 3 is the fused update (one epoch over one micro-batch): the training forward, taken before any
-step, gives the old log-probs and values, and `optimize` reuses it.
+The sampler and the scorer are chosen once, when the trainer is built: single responses or multi-turn
+episodes, reward functions or an environment's turn rewards. "Update" always means one pass of this loop.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,24 +31,26 @@ from llm_rl.algorithms.advantages import ESTIMATORS
 from llm_rl.algorithms.kl import AdaptiveKLController, FixedKLController
 from llm_rl.algorithms.losses import loss_normalizer, ppo_objective
 from llm_rl.algorithms.ops import entropy_from_logits
-from llm_rl.algorithms.scores import Scores, shape_scores
+from llm_rl.algorithms.scores import Scores
 from llm_rl.algorithms.targets import Targets, compute_targets
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.sections import Config
 from llm_rl.data.prompts import PromptData, PromptSampler
 from llm_rl.models.forward import forward_logprobs
-from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout, gathered_for_generation
+from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout, eval_mode
 from llm_rl.reporting.hub import model_card
 from llm_rl.reporting.metrics import log_table, write_completions
 from llm_rl.reporting.plotting import plot_training_curves
-from llm_rl.rewards.functions import RewardFn, check_rewards, compute_rewards
-from llm_rl.rewards.model import RewardModel, prefix_scores
-from llm_rl.sampling.episodes import Episodes, load_environment, run_episodes
-from llm_rl.sampling.hf import generate_responses
-from llm_rl.sampling.rollout import Rollout, bootstrap_values, decode_responses, logprobs_and_values
+from llm_rl.rewards.functions import RewardFn, check_rewards
+from llm_rl.rewards.scoring import EnvironmentScorer, RewardScorer, prefix_reward_model
+from llm_rl.sampling.episodes import EpisodeSampler, load_environment
+from llm_rl.sampling.hf import HFSampler
+from llm_rl.sampling.rollout import Rollout, bootstrap_values, logprobs_and_values
+from llm_rl.sampling.sampler import Sampler, SamplingSettings
 from llm_rl.training import output_dir as run_dir
 from llm_rl.training.callbacks import TrainerCallback
 from llm_rl.training.evaluation import Evaluator
+from llm_rl.training.ppo_metrics import completion_rows, rollout_metrics, summary_line
 from llm_rl.training.run import TrainingRun
 
 RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
@@ -85,8 +88,8 @@ class PPOTrainer(TrainingRun):
         config.validate()
         # multi-turn: an environment plays each episode and gives its rewards (llm_rl.sampling.episodes)
         spec = config.environment.environment
-        self.environment = load_environment(spec) if spec is not None else None
-        if not rewards and self.environment is None:
+        environment = load_environment(spec) if spec is not None else None
+        if not rewards and environment is None:
             raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs")
         if rewards:
             check_rewards(rewards, list(prompts.columns))
@@ -104,19 +107,21 @@ class PPOTrainer(TrainingRun):
         self.rollout_rows = ppo.batch_size * ppo.num_generations  # rows per process per update
         self.micro_batch_size = self.rollout_rows // (ppo.num_mini_batches * ppo.gradient_accumulation_steps)
         self.mini_batch_size = self.micro_batch_size * ppo.gradient_accumulation_steps
-        self.generation_batch_size = config.sampling.generation_batch_size or self.rollout_rows
         # one epoch over one micro-batch: the training forward, taken before any step, *is* the
-        # old policy, so it also gives the old log-probs and values and the rollout skips that pass
+        # old policy, so it also gives the old log-probs and values and phase 3 skips that pass
         self.fused = ppo.ppo_epochs == 1 and ppo.num_mini_batches == 1 and ppo.gradient_accumulation_steps == 1
-        self.sampler = PromptSampler(len(prompts), ppo.batch_size, self.accelerator.num_processes,
-                                     self.accelerator.process_index, train.seed, config.data.shuffle)
-        self.num_updates = train.max_updates or max(1, int(train.num_train_epochs * self.sampler.updates_per_epoch))
-        self.stop_token_ids = self._stop_token_ids()
-        self.prefix_reward_model = self._prefix_reward_model() if ppo.advantage_estimator == "prefix_diff" else None
+        self.prompt_sampler = PromptSampler(len(prompts), ppo.batch_size, self.accelerator.num_processes,
+                                            self.accelerator.process_index, train.seed, config.data.shuffle)
+        self.num_updates = train.max_updates or max(1, int(train.num_train_epochs * self.prompt_sampler.updates_per_epoch))
+        self.sampling = SamplingSettings.from_config(config.sampling, tokenizer, self.rollout_rows)
+        prefix_model = prefix_reward_model(rewards, tokenizer) if ppo.advantage_estimator == "prefix_diff" else None
         # the reference's log-probs are read by the KL penalty only: with kl_coef 0 (and no adaptive
         # controller to raise it) no reference is kept or run
         self.uses_reference = ppo.kl_coef > 0 or ppo.adaptive_kl
         self._prepare_models(policy, ref_model)
+        self.sampler = self._build_sampler(environment)
+        self.scorer = (EnvironmentScorer() if environment is not None
+                       else RewardScorer(rewards, config.reward, config.sampling, self.accelerator.device, prefix_model))
         self.kl_controller = (
             AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
             else FixedKLController(ppo.kl_coef)
@@ -124,6 +129,19 @@ class PPOTrainer(TrainingRun):
         # minibatch shuffling: same seed on every rank (same schedule), independent of sampling RNG
         self.shuffle_generator = torch.Generator().manual_seed(train.seed)
         set_seed(train.seed, device_specific=True)  # ranks sample different responses
+
+    def _build_sampler(self, environment: Optional[type]) -> Sampler:
+        """The run's rollout engine, chosen once. A group's prompt runs once (in generation and in the
+        forwards) unless the model is sharded: FSDP / DeepSpeed run that extra prompt forward untested."""
+        ppo, acc = self.config.ppo, self.accelerator
+        if environment is None:
+            sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+            return HFSampler(self.model, acc, self.tokenizer, self.sampling, ppo.num_generations,
+                             share_prompts=not sharded)
+        env = self.config.environment
+        return EpisodeSampler(self.model, acc, self.tokenizer, self.sampling, environment, ppo.num_generations,
+                              max_turns=env.max_turns, max_episode_tokens=env.max_episode_tokens,
+                              max_prompt_length=self.config.data.max_prompt_length)
 
     def _prepare_models(self, policy: CausalLMWithValueHead, ref_model: Optional[CausalLMWithValueHead]) -> None:
         """Policy (with its optimizer and schedule), reference and reward models on their devices; dropout
@@ -156,33 +174,6 @@ class PPOTrainer(TrainingRun):
             if hasattr(reward, "to"):
                 reward.to(self.accelerator.device)
 
-    # ================================================================== setup helpers
-    def _stop_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        stop = self.config.sampling.stop_token
-        if stop is not None:
-            stop_ids = self.tokenizer.convert_tokens_to_ids([stop])
-            if stop_ids[0] is None or stop_ids[0] == self.tokenizer.unk_token_id:
-                raise ConfigError(f"stop_token {stop!r} is not a single token of the tokenizer")
-            ids += stop_ids
-        if not ids:
-            raise ConfigError("the tokenizer has no eos_token and no stop_token is set: responses could never end")
-        if self.tokenizer.pad_token_id is None:
-            raise ConfigError("the tokenizer has no pad token; llm_rl.models.loading.load_tokenizer adds one")
-        return ids
-
-    def _prefix_reward_model(self) -> RewardModel:
-        """prefix_diff reads the reward model at every response position: it must share the policy's tokens."""
-        model = next((r for r in self.rewards if isinstance(r, RewardModel)), None)
-        if model is None:
-            raise ConfigError("advantage_estimator prefix_diff needs a reward model (reward_model_name_or_path)")
-        if model.tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ConfigError(
-                "advantage_estimator prefix_diff scores the policy's own tokens: the reward model must use the "
-                "policy's tokenizer (same vocabulary)"
-            )
-        return model
-
     def _prepare_reference(self, ref_model: CausalLMWithValueHead) -> CausalLMWithValueHead:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and plugin.zero_stage == 3:
@@ -195,24 +186,23 @@ class PPOTrainer(TrainingRun):
         """Run `num_updates` PPO updates; returns the per-update metrics."""
         self.start(self.num_updates)  # trackers, resume, progress bar
         history = []
-        batches = iter(self.sampler)
+        batches = iter(self.prompt_sampler)
         self.train_start, self.eval_seconds = time.perf_counter(), 0.0  # the time budget excludes evaluation
         while self.update < self.num_updates:
-            start = time.perf_counter()
-            # 1. sample responses; the old policy's (unless fused) and the reference's log-probs of them
-            rollout, timing = self.rollout(self.prompts.batch(next(batches)))
+            start, timing = time.perf_counter(), {}
+            with timed(timing, "time/generate"):
+                rollout = self.sampler.sample(self.prompts.batch(next(batches)))  # 1. token ids, masks, texts
             with timed(timing, "time/reward"):
-                scores = self.score(rollout)  # 2. rewards -> scores
+                scores = self.scorer.score(rollout)  # 2. rewards -> scores
+            with timed(timing, "time/forward"):
+                rollout = self.old_and_reference(rollout)  # 3. old policy (unless fused) and reference, no grad
             with timed(timing, "time/train"):
-                first_forward = None
-                if self.fused:  # 3. one epoch over one micro-batch: the training forward, before any step, is the old policy
-                    first_forward = self.forward(rollout, grouped=True)
-                    rollout = with_old_policy(rollout, first_forward)
+                rollout, first_forward = self.fused_old_policy(rollout)  # 3. fused: the training forward is the old policy
                 targets = self.targets(rollout, scores)  # 4. KL, token rewards, advantages, value targets
                 train_stats = self.optimize(rollout, targets, first_forward)  # 5. the PPO epochs
             self.update += 1
             # 6. metrics (the KL coefficient adapts, due evaluations run), logs, samples, checkpoint
-            metrics = self.update_metrics(rollout, scores, targets, {**train_stats, **timing}, start)
+            metrics = self.collect_metrics(rollout, scores, targets, {**train_stats, **timing}, start)
             history.append(metrics)
             self.bar.update(1)
             self.log(metrics, summary_line(metrics) if self.due(self.config.train.logging_steps, at_end=True) else None)
@@ -224,13 +214,14 @@ class PPOTrainer(TrainingRun):
             callback.on_train_end(self, history)
         return history
 
-    def update_metrics(self, rollout: Rollout, scores: Scores, targets: Targets, stats: dict, start: float) -> dict:
-        """This update's metrics: the rollout's over every process, training `stats` and times, held-out
-        numbers when due, and what callbacks add. Adapts the KL coefficient to the measured KL."""
+    def collect_metrics(self, rollout: Rollout, scores: Scores, targets: Targets, stats: dict, start: float) -> dict:
+        """Phase 6: this update's metrics: the rollout's over every process, training `stats` and times,
+        held-out numbers when due, and what callbacks add. Adapts the KL coefficient to the measured KL."""
         train = self.config.train
-        metrics = {**self.rollout_metrics(rollout, scores, targets), **stats}
+        metrics = {**rollout_metrics(rollout, scores, targets, self.global_sum, self.kl_controller.value), **stats}
         if "kl/per_sequence" in metrics:  # the horizon counts samples: the rows of every process
-            self.kl_controller.update(metrics["kl/per_sequence"], self.sampler.global_batch * self.config.ppo.num_generations)
+            self.kl_controller.update(metrics["kl/per_sequence"],
+                                      self.prompt_sampler.global_batch * self.config.ppo.num_generations)
         metrics["time/update"] = time.perf_counter() - start
         metrics["time/elapsed"] = time.perf_counter() - self.train_start - self.eval_seconds
         metrics["tokens_per_second"] = metrics["response/tokens"] / metrics["time/update"]
@@ -246,9 +237,11 @@ class PPOTrainer(TrainingRun):
     def log_completions_if_due(self, rollout: Rollout, scores: Scores, targets: Targets) -> None:
         """Sample completions every log_completions_steps (multi-turn: every logging_steps unless set)."""
         train = self.config.train
-        every = train.log_completions_steps or (train.logging_steps if self.environment is not None else 0)
-        if every and self.due(every, at_end=False):
-            self.log_completions(rollout, scores, targets)
+        every = train.log_completions_steps or (train.logging_steps if rollout.is_episode else 0)
+        if every and self.due(every, at_end=False) and self.accelerator.is_main_process:
+            rows = completion_rows(rollout, scores, targets, self.config.train.log_completions_count)
+            write_completions(self.output_dir / "completions.jsonl", self.update, rows)
+            log_table(self.accelerator, "completions", rows, self.update)
 
     def checkpoint_if_due(self, elapsed: float) -> bool:
         """Save every save_steps updates, at the end, and when max_seconds is spent; returns whether it is."""
@@ -267,88 +260,35 @@ class PPOTrainer(TrainingRun):
             out.update({f"eval/{k}": v for k, v in callback.on_evaluate(self).items()})
         return out
 
-    # ================================================================== phases
+    # ================================================================== phases 3-5
     @torch.no_grad()
-    def rollout(self, batch: dict) -> tuple[Rollout, dict]:
-        """Phase 1: sample `num_generations` responses to each prompt of `batch` (on consecutive rows), then
-        take what the old policy (unless the update is fused) and the reference say about them."""
-        acc, sampling = self.accelerator, self.config.sampling
-        if self.environment is not None:
-            return self.play_episodes(batch["rows"])
-        repeat = self.config.ppo.num_generations  # a prompt's completions sit on consecutive rows
-
-        def repeated(items: list) -> list:
-            return [item for item in items for _ in range(repeat)]
-
-        prompt_ids = batch["prompt_ids"].repeat_interleave(repeat, 0).to(acc.device)
-        prompt_mask = batch["prompt_mask"].repeat_interleave(repeat, 0).to(acc.device)
-        unwrapped = acc.unwrap_model(self.model)
-        unwrapped.eval()
-        t0 = time.perf_counter()
-        # sampled under the same autocast as the forwards that score the tokens
-        with gathered_for_generation(self.model, acc) as lm, acc.autocast():
-            response_ids, response_mask, ended = generate_responses(
-                lm, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                top_k=sampling.top_k, top_p=sampling.top_p, stop_token_ids=self.stop_token_ids,
-                pad_token_id=self.tokenizer.pad_token_id, chunk_size=self.generation_batch_size,
-                group_size=self.prompt_group_size,
-            )
-        t1 = time.perf_counter()
-        rollout = Rollout(
-            prompt_ids, prompt_mask, response_ids, response_mask, ended,
-            prompts=repeated(batch["prompts"]), prompt_messages=repeated(batch["prompt_messages"]),
-            completions=decode_responses(self.tokenizer, response_ids, response_mask, ended),
-            columns={name: repeated(values) for name, values in batch["columns"].items()},
-        )
-        rollout = self.old_and_reference_logprobs(rollout)
-        unwrapped.train()
-        return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
-
-    @torch.no_grad()
-    def play_episodes(self, rows: list[dict]) -> tuple[Rollout, dict]:
-        """Phase 1, multi-turn: one environment per episode (num_generations per row), every turn batched.
-        The bot's tokens are the actions (response_mask); observations are context (context_mask)."""
-        acc, sampling, env = self.accelerator, self.config.sampling, self.config.environment
-        rows = [row for row in rows for _ in range(self.config.ppo.num_generations)]
-        unwrapped = acc.unwrap_model(self.model)
-        unwrapped.eval()
-        t0 = time.perf_counter()
-        with gathered_for_generation(self.model, acc) as lm, acc.autocast():
-            episodes: Episodes = run_episodes(
-                lm, self.tokenizer, [self.environment() for _ in rows], rows, max_turns=env.max_turns,
-                max_episode_tokens=env.max_episode_tokens, max_new_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                stop_token_ids=self.stop_token_ids, chunk_size=self.generation_batch_size, device=acc.device,
-                max_prompt_length=self.config.data.max_prompt_length,
-            )
-        t1 = time.perf_counter()
-        rollout = Rollout(
-            episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.action_mask, episodes.ended,
-            context_mask=episodes.response_mask, turn_ends=episodes.turn_ends, num_turns=episodes.num_turns,
-            turn_scores=episodes.turn_rewards, prompts=episodes.prompts, completions=episodes.transcripts,
-        )
-        rollout = self.old_and_reference_logprobs(rollout)
-        if unwrapped.v_head is not None:  # an episode cut before done goes on from V of its next state
-            with acc.autocast():
-                values = bootstrap_values(self.model, rollout, self.micro_batch_size)
-            rollout = dataclasses.replace(rollout, final_values=values * (~rollout.ended).float())
-        unwrapped.train()
-        return rollout, {"time/generate": t1 - t0, "time/forward": time.perf_counter() - t1}
-
-    @torch.no_grad()
-    def old_and_reference_logprobs(self, rollout: Rollout) -> Rollout:
-        """The rollout with its reference log-probs (when something reads them) and, unless the update is
-        fused (its training forward gives them), the old policy's log-probs and values."""
-        temperature, rows, group = self.config.sampling.temperature, self.micro_batch_size, self.prompt_group_size
-        logprobs = values = ref_logprobs = None
-        with self.accelerator.autocast():
+    def old_and_reference(self, rollout: Rollout) -> Rollout:
+        """Phase 3, no grad: the rollout with the old policy's log-probs and values (unless the update is
+        fused: its training forward gives them), the reference's log-probs (when something reads them),
+        and, for episodes cut before done, V of the state they would go on from."""
+        rows, group = self.micro_batch_size, self.forward_group_size(rollout)
+        temperature = self.sampling.temperature
+        logprobs = values = ref_logprobs = final_values = None
+        with eval_mode(self.accelerator.unwrap_model(self.model)), self.accelerator.autocast():
             if not self.fused:  # through the prepared model: FSDP/ZeRO-3 gather their shards per layer
                 logprobs, values = logprobs_and_values(self.model, rollout, temperature, rows, group_size=group)
             if self.uses_reference:
                 with self.reference() as reference:
                     ref_logprobs, _ = logprobs_and_values(reference, rollout, temperature, rows, reference=True,
                                                           group_size=group)
-        return dataclasses.replace(rollout, logprobs=logprobs, values=values, ref_logprobs=ref_logprobs)
+            if rollout.is_episode and self.accelerator.unwrap_model(self.model).v_head is not None:
+                final_values = bootstrap_values(self.model, rollout, rows) * (~rollout.ended).float()
+        return dataclasses.replace(rollout, logprobs=logprobs, values=values, ref_logprobs=ref_logprobs,
+                                   final_values=final_values)
+
+    def fused_old_policy(self, rollout: Rollout) -> tuple[Rollout, Optional[tuple]]:
+        """Phase 3 of a fused update (one epoch over one micro-batch): the training forward of the whole
+        rollout, taken before any step, is the old policy; returns the rollout with its detached log-probs
+        and values, and the forward for `optimize` to reuse. Otherwise (rollout, None)."""
+        if not self.fused:
+            return rollout, None
+        forward = self.forward(rollout, grouped=True)
+        return with_old_policy(rollout, forward), forward
 
     @contextlib.contextmanager
     def reference(self):
@@ -360,46 +300,8 @@ class PPOTrainer(TrainingRun):
         with unwrapped.pretrained_model.disable_adapter():  # in place: the prepared model runs without it
             yield self.model
 
-    def score(self, rollout: Rollout) -> Scores:
-        """Phase 2: every reward's value, combined with the weights, scaled, clipped and EOS-penalised; the
-        token-level scores; prefix scores for prefix_diff."""
-        reward_cfg, device = self.config.reward, self.accelerator.device
-        if self.environment is not None:  # the environment scored every turn while the episode was played
-            return Scores(
-                sequence=torch.zeros(len(rollout), device=device), tokens=rollout.turn_scores,
-                valid=torch.ones(len(rollout), dtype=torch.bool, device=device),
-                per_reward={"environment": rollout.turn_scores.sum(dim=1)}, means={},
-            )
-        lengths = rollout.response_mask.sum(dim=1).tolist()
-        result = compute_rewards(
-            self.rewards, reward_cfg.reward_weights, rollout.prompts, rollout.completions, rollout.columns,
-            prompt_messages=rollout.prompt_messages,
-            completion_ids=[row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)],
-            skip_invalid=reward_cfg.skip_invalid_rewards,
-        )
-        sequence = shape_scores(
-            result.scores.to(device), rollout.ended, scale=reward_cfg.reward_scale, clip=reward_cfg.reward_clip,
-            missing_eos_penalty=self.config.sampling.missing_eos_penalty,
-        )
-        tokens = None
-        if result.token_scores is not None:
-            width = rollout.response_ids.shape[1]
-            tokens = (reward_cfg.reward_scale * result.token_scores[:, :width]).to(device)
-        prefix = None
-        if self.prefix_reward_model is not None:
-            with torch.no_grad():
-                prompt_score, prefix_score = prefix_scores(
-                    self.prefix_reward_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
-                )
-            # in score units: the reward model's weight x scale (clipping and missing_eos_penalty act on the
-            # whole score, which prefix_diff takes as the terminal reward)
-            weights = reward_cfg.reward_weights or [1.0] * len(self.rewards)
-            unit = reward_cfg.reward_scale * weights[self.rewards.index(self.prefix_reward_model)]
-            prefix = (unit * prefix_score, unit * prompt_score)
-        return Scores(sequence, tokens, result.valid.to(device), result.rows, result.means, prefix)
-
     def targets(self, rollout: Rollout, scores: Scores) -> Targets:
-        """Phase 3: KL, token rewards, advantages and value targets (`llm_rl.algorithms.targets.compute_targets`)."""
+        """Phase 4: KL, token rewards, advantages and value targets (`llm_rl.algorithms.targets.compute_targets`)."""
         ppo = self.config.ppo
         return compute_targets(
             rollout, scores, estimator=ppo.advantage_estimator,
@@ -447,7 +349,7 @@ class PPOTrainer(TrainingRun):
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
         steps = ppo.ppo_epochs * ppo.num_mini_batches
-        means = self.update_stats(sums, steps, steps * ppo.gradient_accumulation_steps)
+        means = self.reduce_train_stats(sums, steps, steps * ppo.gradient_accumulation_steps)
         means["lr"] = self.scheduler.get_last_lr()[0]
         return means
 
@@ -457,7 +359,7 @@ class PPOTrainer(TrainingRun):
         count = loss_normalizer(mask, self.config.ppo.loss_agg).to(self.accelerator.device)
         return self.accelerator.reduce(count, "sum")  # one all-reduce per mini-batch
 
-    def update_stats(self, sums: dict[str, torch.Tensor], steps: int, micro_batches: int) -> dict[str, float]:
+    def reduce_train_stats(self, sums: dict[str, torch.Tensor], steps: int, micro_batches: int) -> dict[str, float]:
         """An update's training metrics from this process's sums over its micro-batches, in one collective.
 
         Loss terms are shares of their mini-batch's mean: summed over micro-batches and processes they
@@ -506,20 +408,18 @@ class PPOTrainer(TrainingRun):
 
     def forward(self, batch: Rollout, grouped: bool = False):
         """Training forward (with grad): log-probs (batch, resp_len), values or None, logits.
-        `grouped`: the rows are a whole rollout's in order, each prompt's completions together, so each
-        prompt runs once (`CausalLMWithValueHead.forward(group_size=...)`)."""
+        `grouped`: the rows are a whole rollout's in order, so each group's prompt runs once
+        (`CausalLMWithValueHead.forward(group_size=...)`)."""
         return forward_logprobs(
-            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.region_mask,
-            self.config.sampling.temperature, group_size=self.prompt_group_size if grouped else 1,
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+            self.sampling.temperature, group_size=self.forward_group_size(batch) if grouped else 1,
         )
 
-    @property
-    def prompt_group_size(self) -> int:
-        """Consecutive rows of a rollout whose prompt runs once: num_generations. 1 for multi-turn (an
-        episode's first observation may differ between the copies of a row) and under FSDP / DeepSpeed
-        (sharded models run the extra prompt forward untested)."""
+    def forward_group_size(self, rollout: Rollout) -> int:
+        """Rows per prompt the forwards may run once: the sampler's group, unless FSDP / DeepSpeed shard the
+        model (that extra prompt forward is untested there)."""
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        return self.config.ppo.num_generations if self.environment is None and not sharded else 1
+        return 1 if sharded else rollout.group_size
 
     def loss_and_backward(self, rollout: Rollout, targets: Targets, forward: tuple, normalizer) -> dict[str, torch.Tensor]:
         """The PPO loss of a micro-batch from its training `forward` (log-probs, values, logits), and its
@@ -532,7 +432,7 @@ class PPOTrainer(TrainingRun):
         loss, stats = ppo_objective(
             logprobs, rollout.logprobs, targets.advantages, targets.loss_mask,
             token_entropy=entropy_from_logits(logits.detach() if ppo.ent_coef == 0 else logits,
-                                              self.config.sampling.temperature),
+                                              self.sampling.temperature),
             values=values, old_values=rollout.values, returns=targets.returns,
             ref_logprobs=rollout.ref_logprobs if ppo.kl_placement == "loss" else None,
             clip_range=ppo.clip_range, dual_clip=ppo.dual_clip, clip_range_value=ppo.clip_range_value,
@@ -566,88 +466,18 @@ class PPOTrainer(TrainingRun):
             )
 
     # ================================================================== metrics, logging, saving
-    def rollout_metrics(self, rollout: Rollout, scores: Scores, targets: Targets) -> dict[str, float]:
-        """What the rollout produced, over all processes: totals are summed in one collective and
-        divided afterwards, so means and variances are exact, not means of per-process means."""
-        mask = targets.loss_mask.float()
-        kept = scores.valid
-        totals = {
-            "rows": torch.tensor(float(len(rollout))),
-            "kept": kept.float().sum(),
-            "tokens": mask.sum(),
-            "ended": rollout.ended.float().sum(),
-            "score": scores.sequence.float()[kept].sum(),
-            "kl": targets.kl.sum(),
-            "token_reward": (targets.token_rewards * mask).sum(),
-            **{f"reward/{k}": torch.tensor(v * float(kept.sum())) for k, v in scores.means.items()},
-            "reward/invalid": (~kept).float().sum(),
-        }
-        if rollout.num_turns is not None:  # multi-turn episodes
-            totals.update({"turns": rollout.num_turns.float().sum(), "episode_reward": rollout.turn_scores.sum()})
-        if rollout.values is not None:
-            values, returns = rollout.values, targets.returns
-            totals.update({
-                "value": (values * mask).sum(),
-                "return": (returns * mask).sum(),
-                "return_sq": (returns**2 * mask).sum(),
-                "residual_sq": ((returns - values) ** 2 * mask).sum(),
-            })
-        g = self.global_sum(totals)
-        kept_rows, tokens = max(g["kept"], 1.0), max(g["tokens"], 1.0)
-        out = {
-            "score/mean": g["score"] / kept_rows,
-            "response/length": g["tokens"] / kept_rows,
-            "response/eos_rate": g["ended"] / g["rows"],
-            "response/tokens": g["tokens"],
-            "token_reward/mean": g["token_reward"] / tokens,
-            "reward/invalid": g["reward/invalid"],
-            **{k: v / kept_rows for k, v in g.items() if k.startswith("reward/") and k != "reward/invalid"},
-        }
-        if rollout.ref_logprobs is not None:  # no reference is taken when nothing reads it (kl_coef 0)
-            out.update({"kl/per_sequence": g["kl"] / kept_rows, "kl/per_token": g["kl"] / tokens,
-                        "kl/beta": self.kl_controller.value})
-        if rollout.num_turns is not None:
-            out.update({
-                "episode/turns": g["turns"] / g["rows"],
-                "episode/return": g["episode_reward"] / g["rows"],  # undiscounted sum of the turn rewards
-                "episode/turn_reward": g["episode_reward"] / max(g["turns"], 1.0),
-                "episode/done_rate": g["ended"] / g["rows"],
-            })
-        if rollout.values is not None:
-            var_returns = g["return_sq"] / tokens - (g["return"] / tokens) ** 2
-            out["value/mean"] = g["value"] / tokens
-            out["value/explained_variance"] = 1.0 - (g["residual_sq"] / tokens) / max(var_returns, 1e-8)
-        return out
-
-    def log_completions(self, rollout: Rollout, scores: Scores, targets: Targets) -> None:
-        """The first log_completions_count samples of this process's rollout (prompt, completion, each
-        reward, mean advantage over the response tokens) to completions.jsonl and the trackers."""
-        if not self.accelerator.is_main_process:
-            return
-        count = min(self.config.train.log_completions_count, len(rollout))
-        mask = targets.loss_mask[:count].float()
-        advantages = ((targets.advantages[:count] * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-        rows = [
-            {"prompt": rollout.prompts[i], "completion": rollout.completions[i],
-             **{f"reward/{name}": float(values[i]) for name, values in scores.per_reward.items()},
-             "score": float(scores.sequence[i]), "advantage": advantages[i]}
-            for i in range(count)
-        ]
-        write_completions(self.output_dir / "completions.jsonl", self.update, rows)
-        log_table(self.accelerator, "completions", rows, self.update)
-
     # ================================================================== what the run skeleton saves
     def checkpoint_state(self) -> dict:
         """Beside the update counter: data position, KL controller, minibatch-shuffle RNG."""
         return {
             "num_updates": self.num_updates,
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.prompt_sampler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "shuffle_generator": self.shuffle_generator.get_state().tolist(),
         }
 
     def load_checkpoint_state(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        self.prompt_sampler.load_state_dict(state["sampler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.shuffle_generator.set_state(torch.tensor(state["shuffle_generator"], dtype=torch.uint8))
 
@@ -704,14 +534,3 @@ def timed(timing: dict, key: str):
     start = time.perf_counter()
     yield
     timing[key] = time.perf_counter() - start
-
-
-def summary_line(metrics: dict) -> str:
-    keys = [("score/mean", "score"), ("episode/return", "return"), ("episode/turns", "turns"),
-            ("kl/per_sequence", "kl"), ("kl/beta", "beta"), ("entropy", "ent"), ("loss/policy", "pg"), ("loss/value", "vf"), ("policy/clipfrac", "clip"),
-            ("response/length", "len"), ("time/update", "s")]
-    parts = [f"update {metrics['update']}"]
-    parts += [f"{short} {metrics[k]:.4g}" for k, short in keys if k in metrics and math.isfinite(metrics[k])]
-    parts += [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/")]
-    return " | ".join(parts)
-
