@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-ESTIMATORS = ["gae", "grpo", "rloo", "reinforce_pp", "prefix_diff"]
+from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
+
+ESTIMATORS = list(ADVANTAGE_ESTIMATORS)
 
 # What differs between estimators; everything else comes from llm_rl/tasks/addition_ppo.yaml.
 # Group estimators see 64 prompts x 4 completions = 256 rows, as many as the others' 256 prompts.
@@ -88,7 +90,7 @@ def run_one(estimator: str, seed: int, warm_dir: Path, data_file: Path, heldout,
               **OVERRIDES[estimator]}
     if estimator == "prefix_diff":
         values.update({"reward_model_name_or_path": str(reward_model), "reward_funcs": []})
-    config.update(values)
+    config.set_values(values)
     config.validate()
     accelerator = Accelerator()
     tokenizer = load_tokenizer(str(warm_dir))

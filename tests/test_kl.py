@@ -86,7 +86,7 @@ def test_as_a_loss_k2_has_the_kl_gradient_and_k1_none():
 
 def test_fixed_controller():
     ctl = FixedKLController(0.05)
-    ctl.update(current_kl=100.0, n_steps=1000)
+    ctl.adapt(current_kl=100.0, n_steps=1000)
     assert ctl.value == 0.05
     other = FixedKLController(1.0)
     other.load_state_dict(ctl.state_dict())
@@ -96,36 +96,36 @@ def test_fixed_controller():
 def test_adaptive_kl_above_target_is_clipped():
     # error = clip(12/6 - 1, -0.2, 0.2) = 0.2 -> 0.1 * (1 + 0.2 * 256 / 10000) = 0.100512
     ctl = AdaptiveKLController(init_beta=0.1, target=6.0, horizon=10000)
-    ctl.update(current_kl=12.0, n_steps=256)
+    ctl.adapt(current_kl=12.0, n_steps=256)
     assert ctl.value == pytest.approx(0.100512, abs=1e-12)
     # Compounds: 0.100512 * 1.00512 = 0.101026621...
-    ctl.update(current_kl=12.0, n_steps=256)
+    ctl.adapt(current_kl=12.0, n_steps=256)
     assert ctl.value == pytest.approx(0.101026621, abs=1e-9)
 
 
 def test_adaptive_kl_below_target_is_clipped():
     # error = clip(3/6 - 1) = clip(-0.5) = -0.2 -> 0.1 * (1 - 0.00512) = 0.099488
     ctl = AdaptiveKLController(0.1, 6.0, 10000)
-    ctl.update(3.0, 256)
+    ctl.adapt(3.0, 256)
     assert ctl.value == pytest.approx(0.099488, abs=1e-12)
 
 
 def test_adaptive_kl_inside_clip_band():
     # error = 6.6/6 - 1 = 0.1 -> 0.1 * (1 + 0.1 * 256 / 10000) = 0.100256
     ctl = AdaptiveKLController(0.1, 6.0, 10000)
-    ctl.update(torch.tensor(6.6), 256)  # tensors accepted too
+    ctl.adapt(torch.tensor(6.6), 256)  # tensors accepted too
     assert ctl.value == pytest.approx(0.100256, abs=1e-9)
 
 
 def test_adaptive_kl_state_dict_round_trip():
     ctl = AdaptiveKLController(0.1, 6.0, 10000)
-    ctl.update(12.0, 256)
+    ctl.adapt(12.0, 256)
     state = ctl.state_dict()
     restored = AdaptiveKLController(0.1, 6.0, 10000)
     restored.load_state_dict(state)
     assert restored.value == ctl.value
-    restored.update(12.0, 256)
-    ctl.update(12.0, 256)
+    restored.adapt(12.0, 256)
+    ctl.adapt(12.0, 256)
     assert restored.value == ctl.value
 
 

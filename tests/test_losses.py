@@ -215,15 +215,16 @@ def test_ppo_objective_by_hand():
     value 0.5 * mean(0.5^2, 0) = 0.0625; entropy mean(1, 3) = 2; k2 KL mean(0, 0.5 ln(2)^2)."""
     import math
 
-    from llm_rl.algorithms.losses import ppo_objective
+    from llm_rl.algorithms.losses import PPOCoefficients, ppo_objective
 
     logprobs = torch.tensor([[0.0, math.log(2.0)]], requires_grad=True)
     values = torch.tensor([[0.5, 1.0]], requires_grad=True)
     loss, stats = ppo_objective(
         logprobs, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2),
         token_entropy=torch.tensor([[1.0, 3.0]]), values=values, old_values=torch.tensor([[0.5, 0.5]]),
-        returns=torch.ones(1, 2), ref_logprobs=torch.zeros(1, 2), clip_range=0.2, clip_range_value=None,
-        vf_coef=0.1, ent_coef=0.01, kl_coef=0.1, kl_estimator="k2",
+        returns=torch.ones(1, 2), ref_logprobs=torch.zeros(1, 2),
+        coefficients=PPOCoefficients(clip_range=0.2, clip_range_value=None, vf_coef=0.1, ent_coef=0.01, kl_coef=0.1,
+                                     kl_estimator="k2"),
     )
     kl = 0.25 * math.log(2.0) ** 2
     assert stats["loss/policy"].item() == pytest.approx(0.5)
@@ -238,5 +239,5 @@ def test_ppo_objective_by_hand():
     assert logprobs.grad is not None and values.grad is not None
     # no critic, no KL term: only the policy and the entropy
     loss, stats = ppo_objective(logprobs.detach(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2),
-                                token_entropy=torch.tensor([[1.0, 3.0]]), ent_coef=0.01)
+                                token_entropy=torch.tensor([[1.0, 3.0]]), coefficients=PPOCoefficients(ent_coef=0.01))
     assert loss.item() == pytest.approx(0.5 - 0.02) and "loss/kl" not in stats and stats["loss/value"] == 0

@@ -45,7 +45,7 @@ def reward_config(tiny_model_dir, tmp_path: Path, out: Path, **overrides) -> Rew
         "progress_bar": False, "output_dir": str(out), **overrides,
     }
     config = RewardTrainingConfig()
-    config.update(values)
+    config.set_values(values)
     return config
 
 

@@ -38,8 +38,6 @@ PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (17, 5), (123, 45), (7, 77), (30, 3)
                                     (5, 5), (61, 250), (8, 0), (42, 42), (300, 7), (2, 96), (71, 17), (6, 600)]]
 
 
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("ppo_assets")
@@ -183,6 +181,42 @@ def test_fused_update_matches_the_plain_path(assets, tmp_path, num_generations):
         torch.testing.assert_close(value, plain_params[name], atol=1e-5, rtol=1e-4)
     assert fused_history[0]["policy/ratio_max_dev"] == 0.0
     assert plain_history[0]["policy/ratio_max_dev"] < 1e-5
+
+
+class ShiftedEngine:
+    """A `Sampler` standing for a second rollout engine: it samples through the trainer's own sampler and
+    reports its own log-probs of the sampled tokens, `shift` above the training model's."""
+
+    def __init__(self, inner, model, temperature: float, shift: float):
+        self.inner, self.model, self.temperature, self.shift = inner, model, temperature, shift
+
+    def sample(self, batch):
+        import dataclasses
+
+        from llm_rl.sampling.rollout import logprobs_and_values
+
+        rollout = self.inner.sample(batch)
+        logprobs, _ = logprobs_and_values(self.model, rollout, self.temperature, len(rollout), reference=True)
+        return dataclasses.replace(rollout, sampler_logprobs=(logprobs + self.shift) * rollout.action_mask)
+
+
+def test_an_engine_with_its_own_logprobs_plugs_into_the_sampler_seam(assets, tmp_path):
+    """The loop asks its sampler for a rollout and nothing else; an engine's own log-probs are compared with
+    the trainer's recomputed old log-probs: r = -0.5 on every action, so KL = e^-0.5 - 1 + 0.5 = 0.1065307."""
+    from llm_rl.data.prompts import load_prompts
+    from llm_rl.rewards.loading import load_rewards
+
+    config = make_config(assets, tmp_path / "run", max_updates=2, num_generations=2)
+    tokenizer = load_tokenizer(str(assets.model_dir))
+    trainer = trainer_module.PPOTrainer(config, load_policy(config, tokenizer), tokenizer,
+                                        load_prompts(config, tokenizer), load_rewards(config))
+    trainer.sampler = ShiftedEngine(trainer.sampler, trainer.model, config.sampling.temperature, shift=0.5)
+    history = trainer.train()
+    for row in history:
+        assert row["mismatch/kl"] == pytest.approx(math.exp(-0.5) - 0.5, abs=1e-4)
+        assert row["mismatch/max_abs_logprob_diff"] == pytest.approx(0.5, abs=1e-4)
+    _, plain = run_ppo(make_config(assets, tmp_path / "plain", max_updates=1))
+    assert not any(key.startswith("mismatch/") for key in plain[0])  # HF generate reports no log-probs of its own
 
 
 # ----------------------------------------------------------------------------- other shapes of run

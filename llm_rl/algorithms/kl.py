@@ -73,7 +73,7 @@ class FixedKLController:
     def __init__(self, beta: float):
         self.value = float(beta)
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def adapt(self, current_kl: float, n_steps: int) -> None:
         """No-op; present so both controllers share one interface."""
 
     def state_dict(self) -> dict:
@@ -106,7 +106,7 @@ class AdaptiveKLController:
         self.target = float(target)
         self.horizon = float(horizon)
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def adapt(self, current_kl: float, n_steps: int) -> None:
         """Adjust ``value`` after ``n_steps`` samples that had mean KL ``current_kl``."""
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon

@@ -205,6 +205,21 @@ def value_loss(
     return loss, stats
 
 
+@dataclass(frozen=True)
+class PPOCoefficients:
+    """The scalar settings of the PPO loss (`ppo_objective`); the trainer builds them from the config's
+    ppo section once per update (kl_coef follows the KL controller)."""
+
+    clip_range: float = 0.2  # ratio clip epsilon
+    dual_clip: Optional[float] = None  # c > 1 bounds the loss of negative advantages (None: off)
+    clip_range_value: Optional[float] = 0.2  # value clip (None: off)
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    kl_coef: float = 0.0  # weight of the KL term (only with ref_logprobs, kl_placement: loss)
+    kl_estimator: str = default_kl_estimator("loss")
+    loss_agg: str = DEFAULT_LOSS_AGGREGATION
+
+
 def ppo_objective(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -216,42 +231,36 @@ def ppo_objective(
     old_values: Tensor | None = None,
     returns: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    clip_range: float = 0.2,
-    dual_clip: float | None = None,
-    clip_range_value: float | None = 0.2,
-    vf_coef: float = 0.1,
-    ent_coef: float = 0.0,
-    kl_coef: float = 0.0,
-    kl_estimator: str = default_kl_estimator("loss"),
-    loss_agg: str = DEFAULT_LOSS_AGGREGATION,
+    coefficients: PPOCoefficients = PPOCoefficients(),
     normalizer: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The whole PPO loss of a batch, and its metrics under their logged names.
 
-    ``loss = policy + vf_coef * value - ent_coef * entropy (+ kl_coef * KL)``, every term aggregated by
-    ``loss_agg`` over ``mask`` and divided by ``normalizer`` (see `aggregate_loss`). All per-token inputs
+    ``loss = policy + vf_coef * value - ent_coef * entropy (+ kl_coef * KL)`` (`coefficients`), every term
+    aggregated by ``loss_agg`` over ``mask`` and divided by ``normalizer`` (see `aggregate_loss`). All per-token inputs
     are ``(batch, resp_len)``; ``logprobs``, ``values`` and ``token_entropy`` carry the gradient, the rest
     are rollout constants. ``values=None``: no critic (no value term). ``ref_logprobs`` given: KL to the
     reference as a loss term (``kl_placement: loss``) with ``kl_estimator``, masked before its ``exp``.
     """
     from llm_rl.algorithms.kl import kl_penalty
 
-    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range,
-                                    dual_clip=dual_clip, loss_agg=loss_agg, normalizer=normalizer)
+    c, loss_agg = coefficients, coefficients.loss_agg
+    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=c.clip_range,
+                                    dual_clip=c.dual_clip, loss_agg=loss_agg, normalizer=normalizer)
     loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
     if values is not None:
-        vf_loss, vf_stats = value_loss(values.float(), old_values, returns, mask, clip_range_value=clip_range_value,
+        vf_loss, vf_stats = value_loss(values.float(), old_values, returns, mask, clip_range_value=c.clip_range_value,
                                        loss_agg=loss_agg, normalizer=normalizer)
-        loss = loss + vf_coef * vf_loss
+        loss = loss + c.vf_coef * vf_loss
         stats.update({"loss/value": vf_loss.detach(), "value/clipfrac": vf_stats["vf_clipfrac"],
                       "value/error": vf_stats["value_error"]})
     else:
         stats["loss/value"] = torch.zeros((), device=logprobs.device)
     entropy = aggregate_loss(token_entropy, mask, loss_agg, normalizer)
-    loss = loss - ent_coef * entropy
+    loss = loss - c.ent_coef * entropy
     if ref_logprobs is not None:
-        kl = aggregate_loss(kl_penalty(logprobs, ref_logprobs, kl_estimator, mask), mask, loss_agg, normalizer)
-        loss = loss + kl_coef * kl
+        kl = aggregate_loss(kl_penalty(logprobs, ref_logprobs, c.kl_estimator, mask), mask, loss_agg, normalizer)
+        loss = loss + c.kl_coef * kl
         stats["loss/kl"] = kl.detach()
     valid = mask.bool()
     stats.update({

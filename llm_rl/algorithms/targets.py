@@ -20,6 +20,7 @@ from llm_rl.algorithms.advantages import ESTIMATORS, EstimatorInput
 from llm_rl.algorithms.kl import kl_penalty
 from llm_rl.algorithms.ops import masked_whiten, select_rows
 from llm_rl.algorithms.scores import Scores, kl_rewards, place_scores
+from llm_rl.config.variants import default_kl_estimator
 
 Tensor = torch.Tensor
 
@@ -58,7 +59,7 @@ def compute_targets(
     *,
     estimator: str,
     beta: float,
-    kl_estimator: str = "k1",
+    kl_estimator: str = default_kl_estimator("reward"),
     gamma: float = 1.0,
     lam: float = 0.95,
     group_size: int = 1,

@@ -73,13 +73,13 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
 
 
 def fill_from_yaml(config, path: Optional[str | Path], overrides: Optional[list[str]], field_types: dict[str, Any]):
-    """Update `config` (any config with update/validate) from a YAML file, then `--key value` overrides
+    """Update `config` (any config with set_values/validate) from a YAML file, then `--key value` overrides
     (`field_types`: every key's type); validate."""
     if path is not None:
-        config.update(load_yaml(path), source=str(path))
+        config.set_values(load_yaml(path), source=str(path))
     if overrides:
         bools = frozenset(k for k, t in field_types.items() if t is bool)
-        config.update(parse_overrides(overrides, bools), source="command line")
+        config.set_values(parse_overrides(overrides, bools), source="command line")
     config.validate()
     return config
 

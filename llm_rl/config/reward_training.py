@@ -117,7 +117,7 @@ class RewardTrainingConfig(HubOptions, LoraOptions, RunOptions, OptimizerOptions
         """A YAML file (flat keys) then `--key value` overrides, validated."""
         return fill_from_yaml(cls(), path, overrides, typing.get_type_hints(cls))
 
-    def update(self, values: dict, source: str = "config") -> None:
+    def set_values(self, values: dict, source: str = "config") -> None:
         hints = typing.get_type_hints(type(self))
         for key, value in (values or {}).items():
             if key not in hints:

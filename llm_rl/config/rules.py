@@ -10,10 +10,11 @@ or KL estimator) read its properties in llm_rl.config.variants and never name on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, get_args
 
+from llm_rl.config.choices import KLPlacement
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.variants import (
     ADVANTAGE_ESTIMATORS,
@@ -46,12 +47,16 @@ def check(rules: Sequence[Rule], config: Any) -> None:
 
 
 # ====================================================================== helpers of the PPO rules
-def known(section: str, key: str, table: dict, optional: bool = False) -> Rule:
-    """A variant option holds a name of its table (the loader ensures it; a config built in code may not)."""
+def known(section: str, key: str, choices: Iterable[str], optional: bool = False) -> Rule:
+    """A choice option holds one of its `choices` (a variant table's keys): the loader ensures it, a config
+    changed in code may not, and the rules below look its variant up."""
+    choices = tuple(choices)
+
     def value(c):
         return getattr(getattr(c, section), key)
-    return Rule(f"{key}_known", lambda c: value(c) in table or (optional and value(c) is None),
-                lambda c: f"{key} is one of {', '.join(table)}{' or null' if optional else ''}; got {value(c)!r}")
+
+    return Rule(f"{key}_known", lambda c: value(c) in choices or (optional and value(c) is None),
+                lambda c: f"{key} is one of {', '.join(choices)}{' or null' if optional else ''}; got {value(c)!r}")
 
 
 def estimator(c) -> AdvantageEstimatorVariant:
@@ -104,6 +109,7 @@ def no_environment(c) -> bool:
 PPO_RULES: list[Rule] = [
     known("ppo", "advantage_estimator", ADVANTAGE_ESTIMATORS),
     known("ppo", "kl_estimator", KL_ESTIMATORS, optional=True),
+    known("ppo", "kl_placement", get_args(KLPlacement)),
     known("ppo", "loss_agg", LOSS_AGGREGATIONS),
     Rule("batch_size", lambda c: c.ppo.batch_size >= 1, "batch_size must be >= 1"),
     Rule("num_mini_batches", lambda c: c.ppo.num_mini_batches >= 1, "num_mini_batches must be >= 1"),

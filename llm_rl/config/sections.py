@@ -181,6 +181,11 @@ class PPOConfig(OptimizerOptions):
     )
 
     @property
+    def kl_in_loss(self) -> bool:
+        """kl_placement: loss (a loss term, as GRPO's beta); otherwise -beta * KL goes into the token rewards."""
+        return self.kl_placement == "loss"
+
+    @property
     def kl_estimator_in_use(self) -> str:
         """`kl_estimator`, or its default for the placement (llm_rl.config.variants.KL_ESTIMATORS)."""
         return self.kl_estimator or default_kl_estimator(self.kl_placement)
@@ -227,6 +232,11 @@ class EnvironmentConfig:
         metadata={"help": "'turn': gamma once per turn boundary, 1 within a turn; 'token': gamma per bot token."},
     )
 
+    @property
+    def turn_discount(self) -> bool:
+        """gamma once per turn boundary (discount: turn), not once per bot token."""
+        return self.discount == "turn"
+
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -255,14 +265,14 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> Config:
         config = cls()
-        config.update(values, source)
+        config.set_values(values, source)
         return config
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> Config:
         return fill_from_yaml(cls(), path, overrides, FIELD_TYPES)
 
-    def update(self, values: dict, source: str = "config") -> None:
+    def set_values(self, values: dict, source: str = "config") -> None:
         """Set fields from a flat or section-grouped dict; unknown keys raise ConfigError."""
         for key, value in (values or {}).items():
             if key in SECTIONS and isinstance(value, dict):

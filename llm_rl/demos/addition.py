@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from llm_rl.algorithms.kl import kl_penalty
 from llm_rl.config.sections import Config
+from llm_rl.config.variants import default_kl_estimator
 from llm_rl.models.value_head import CausalLMWithValueHead
 from llm_rl.sampling.rollout import logprobs_and_values
 from llm_rl.tasks import arithmetic
@@ -77,7 +78,7 @@ def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
     logprobs, _ = logprobs_and_values(policy, sampled, temperature, chunk_size=len(problems))
     with reference_context() as ref:
         ref_logprobs, _ = logprobs_and_values(ref, sampled, temperature, chunk_size=len(problems), reference=True)
-    out["kl"] = float((kl_penalty(logprobs, ref_logprobs, "k1") * sampled.action_mask).sum(1).mean())
+    out["kl"] = float((kl_penalty(logprobs, ref_logprobs, default_kl_estimator("reward")) * sampled.action_mask).sum(1).mean())
     return out
 
 
@@ -92,34 +93,21 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     quiet_libraries()
     start = time.perf_counter()
     out_dir = Path(options.output_dir)
-    warm_dir, data_file = out_dir / "warm_start", out_dir / "data" / "train.jsonl"
-    config = Config.from_yaml(DEMO_CONFIG, overrides)
+    config = demo_config(options, overrides)
     accelerator = Accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)
-    config.update({"model_name_or_path": str(warm_dir), "dataset_name": str(data_file), "seed": options.seed,
-                   "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite})
-    if options.max_updates is not None:
-        config.update({"max_updates": options.max_updates})
-    config.validate()
-
+    warm_dir = Path(config.model.model_name_or_path)
     resuming = config.train.resume_from_checkpoint is not None and (warm_dir / "config.json").is_file()
 
     # 1. warm start on the main process (not again when resuming); the others wait and load the result
     train, heldout = arithmetic.make_splits(options.num_digits, 10 ** (2 * options.num_digits) - options.num_heldout,
                                             options.num_heldout, seed=options.seed)
     if accelerator.is_main_process and not resuming:
-        if run_dir.completed_work(out_dir) and not options.overwrite:
-            raise SystemExit(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
-                             "or another --output_dir")
-        print(f"[demo] warm start: supervised steps on {options.num_digits}-digit addition until "
-              f"{options.warm_start_accuracy:.0%} exact match on training problems (at most {options.warm_start_steps})")
-        losses = build_warm_start(train, options.warm_start_steps, options.seed, warm_dir, options.warm_start_accuracy)
-        (out_dir / "warm_start_steps.txt").write_text(f"{len(losses)}\n")
-        arithmetic.write_jsonl(train, data_file)
+        warm_start(options, train, out_dir, Path(config.data.dataset_name))
     accelerator.wait_for_everyone()
     t_warm = time.perf_counter() - start
     if options.prepare_only:
         if accelerator.is_main_process:
-            print(f"[demo] warm-started policy in {warm_dir}, prompts in {data_file}")
+            print(f"[demo] warm-started policy in {warm_dir}, prompts in {config.data.dataset_name}")
         return {}
 
     # 2. load it back like a user's model, and evaluate before RL (once: a resumed run reads it back)
@@ -127,14 +115,8 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     tokenizer = load_tokenizer(str(warm_dir))
     policy = load_policy(config, tokenizer).to(accelerator.device)
     reference = CausalLMWithValueHead.from_pretrained(str(warm_dir), value_head=False).to(accelerator.device)
-    before_file = out_dir / "eval_before.json"
-    if resuming and before_file.is_file():
-        before = json.loads(before_file.read_text())
-    else:
-        before = evaluate(policy, reference, tokenizer, heldout, config.sampling.temperature)
-    if accelerator.is_main_process:
-        before_file.write_text(json.dumps(before) + "\n")
-        print(f"[demo] before PPO: {fmt(before)}")
+    before = evaluate_once(out_dir / "eval_before.json", resuming, accelerator.is_main_process,
+                           lambda: evaluate(policy, reference, tokenizer, heldout, config.sampling.temperature))
 
     # 3. PPO against the exact-match reward, held-out accuracy tracked during training
     def held_out(trainer: PPOTrainer) -> dict:
@@ -147,12 +129,11 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     last = history[-1] if history else {}
     after = {k.removeprefix("eval/"): v for k, v in last.items() if k.startswith("eval/")} or held_out(trainer)
 
+    # 4. the before/after table
     seconds = time.perf_counter() - start
     summary = {
-        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-        "reward_before": before["reward"], "reward_after": after["reward"],
-        "kl_before": before["kl"], "kl_after": after["kl"],
-        "length_before": before["length"], "length_after": after["length"],
+        **{f"{key}_{when}": values[key] for key in ("accuracy", "reward", "kl", "length")
+           for when, values in (("before", before), ("after", after))},
         "updates": trainer.update, "warm_start_steps": int((out_dir / "warm_start_steps.txt").read_text()),
         "seconds_warm_start": t_warm, "seconds": seconds, "seed": options.seed,
     }
@@ -161,6 +142,41 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
         print(results_table(before, after))
         print(f"[demo] {seconds:.0f}s; policy, summary.json, metrics.jsonl and curves.png in {out_dir}")
     return summary
+
+
+def demo_config(options: DemoOptions, overrides: Optional[list[str]]) -> Config:
+    """llm_rl/tasks/addition_ppo.yaml with the command line's overrides, pointed at the demo's folders."""
+    out_dir = Path(options.output_dir)
+    config = Config.from_yaml(DEMO_CONFIG, overrides)
+    config.set_values({"model_name_or_path": str(out_dir / "warm_start"),
+                   "dataset_name": str(out_dir / "data" / "train.jsonl"), "seed": options.seed,
+                   "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite})
+    if options.max_updates is not None:
+        config.set_values({"max_updates": options.max_updates})
+    config.validate()
+    return config
+
+
+def warm_start(options: DemoOptions, train: Sequence[arithmetic.Problem], out_dir: Path, data_file: Path) -> None:
+    """Main process: the supervised warm start saved to OUTPUT_DIR/warm_start, and the training prompts."""
+    if run_dir.completed_work(out_dir) and not options.overwrite:
+        raise SystemExit(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
+                         "or another --output_dir")
+    print(f"[demo] warm start: supervised steps on {options.num_digits}-digit addition until "
+          f"{options.warm_start_accuracy:.0%} exact match on training problems (at most {options.warm_start_steps})")
+    losses = build_warm_start(train, options.warm_start_steps, options.seed, out_dir / "warm_start",
+                              options.warm_start_accuracy)
+    (out_dir / "warm_start_steps.txt").write_text(f"{len(losses)}\n")
+    arithmetic.write_jsonl(train, data_file)
+
+
+def evaluate_once(path: Path, resuming: bool, is_main: bool, measure) -> dict:
+    """The held-out numbers before RL: read back from `path` when resuming, else measured and written."""
+    before = json.loads(path.read_text()) if resuming and path.is_file() else measure()
+    if is_main:
+        path.write_text(json.dumps(before) + "\n")
+        print(f"[demo] before PPO: {fmt(before)}")
+    return before
 
 
 def quiet_libraries() -> None:

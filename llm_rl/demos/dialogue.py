@@ -42,11 +42,11 @@ class DialogueOptions:
 def ppo_config(options: DialogueOptions, gamma: float, warm_dir: Path, data_file: Path, out_dir: Path) -> Config:
     """The recipe (llm_rl/tasks/dialogue_ppo.yaml) with this run's model, rows, gamma, seed and folder."""
     config = Config.from_yaml(DIALOGUE_CONFIG)
-    config.update({"model_name_or_path": str(warm_dir), "dataset_name": str(data_file), "gamma": gamma,
+    config.set_values({"model_name_or_path": str(warm_dir), "dataset_name": str(data_file), "gamma": gamma,
                    "seed": options.seed, "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite,
                    "progress_bar": False})
     if options.max_updates is not None:
-        config.update({"max_updates": options.max_updates})
+        config.set_values({"max_updates": options.max_updates})
     return config
 
 

@@ -67,7 +67,7 @@ def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: st
     rewards = ([f"reward model `{r.reward_model_name_or_path}`"] if r.reward_model_name_or_path else []) + [
         f"`{spec}`" for spec in r.reward_funcs
     ]
-    kl = "a KL penalty to the reference in the loss" if p.kl_placement == "loss" else (
+    kl = "a KL penalty to the reference in the loss" if p.kl_in_loss else (
         "a KL penalty to the reference on every token's reward, the sequence score on the last token")
     estimator = ADVANTAGE_ESTIMATORS[p.advantage_estimator]
     value_head = estimator.needs_values

@@ -68,6 +68,25 @@ def rollout_metrics(rollout: Rollout, scores: Scores, targets: Targets, global_s
         out["value/explained_variance"] = 1.0 - (g["residual_sq"] / tokens) / max(var_returns, 1e-8)
     return out
 
+
+def mismatch_metrics(rollout: Rollout, loss_mask: torch.Tensor, global_sum, global_max) -> dict[str, float]:
+    """How far a rollout engine's own log-probs (`Rollout.sampler_logprobs`) are from the trainer's old
+    log-probs of the same tokens, over the actions of every process:
+
+        mismatch/kl                      E[exp(r) - 1 - r], r = log pi_train - log pi_engine: the k3 estimate of
+                                         KL(engine || trainer) per token, with tokens sampled by the engine
+        mismatch/max_abs_logprob_diff    max |r|
+
+    Empty when the engine reports none (HF generate samples from the training model itself)."""
+    if rollout.sampler_logprobs is None:
+        return {}
+    mask = loss_mask.bool()
+    ratio_log = (rollout.logprobs - rollout.sampler_logprobs).masked_fill(~mask, 0.0)
+    g = global_sum({"kl": (ratio_log.exp() - 1 - ratio_log).sum(), "tokens": mask.float().sum()})
+    return {"mismatch/kl": g["kl"] / max(g["tokens"], 1.0),
+            "mismatch/max_abs_logprob_diff": global_max(ratio_log.abs().max())}
+
+
 def completion_rows(rollout: Rollout, scores: Scores, targets: Targets, count: int) -> list[dict]:
     """The first `count` samples of this process's rollout: prompt, completion, each reward, the score and
     the mean advantage over the response tokens (for completions.jsonl and the trackers)."""

@@ -29,12 +29,13 @@ from accelerate.utils import DistributedType, set_seed
 
 from llm_rl.algorithms.advantages import ESTIMATORS
 from llm_rl.algorithms.kl import AdaptiveKLController, FixedKLController
-from llm_rl.algorithms.losses import loss_normalizer, ppo_objective
+from llm_rl.algorithms.losses import PPOCoefficients, loss_normalizer, ppo_objective
 from llm_rl.algorithms.ops import entropy_from_logits
 from llm_rl.algorithms.scores import Scores
 from llm_rl.algorithms.targets import Targets, compute_targets
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.sections import Config
+from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
 from llm_rl.data.prompts import PromptData, PromptSampler
 from llm_rl.models.forward import forward_logprobs
 from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout, eval_mode
@@ -50,7 +51,7 @@ from llm_rl.sampling.sampler import Sampler, SamplingSettings
 from llm_rl.training import output_dir as run_dir
 from llm_rl.training.callbacks import TrainerCallback
 from llm_rl.training.evaluation import Evaluator
-from llm_rl.training.ppo_metrics import completion_rows, rollout_metrics, summary_line
+from llm_rl.training.ppo_metrics import completion_rows, mismatch_metrics, rollout_metrics, summary_line
 from llm_rl.training.run import TrainingRun
 
 RATIO_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # half precision: 5e-2
@@ -114,7 +115,8 @@ class PPOTrainer(TrainingRun):
                                             self.accelerator.process_index, train.seed, config.data.shuffle)
         self.num_updates = train.max_updates or max(1, int(train.num_train_epochs * self.prompt_sampler.updates_per_epoch))
         self.sampling = SamplingSettings.from_config(config.sampling, tokenizer, self.rollout_rows)
-        prefix_model = prefix_reward_model(rewards, tokenizer) if ppo.advantage_estimator == "prefix_diff" else None
+        estimator = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator]
+        prefix_model = prefix_reward_model(rewards, tokenizer) if estimator.needs_reward_model else None
         # the reference's log-probs are read by the KL penalty only: with kl_coef 0 (and no adaptive
         # controller to raise it) no reference is kept or run
         self.uses_reference = ppo.kl_coef > 0 or ppo.adaptive_kl
@@ -218,9 +220,10 @@ class PPOTrainer(TrainingRun):
         """Phase 6: this update's metrics: the rollout's over every process, training `stats` and times,
         held-out numbers when due, and what callbacks add. Adapts the KL coefficient to the measured KL."""
         train = self.config.train
-        metrics = {**rollout_metrics(rollout, scores, targets, self.global_sum, self.kl_controller.value), **stats}
+        metrics = {**rollout_metrics(rollout, scores, targets, self.global_sum, self.kl_controller.value),
+                   **mismatch_metrics(rollout, targets.loss_mask, self.global_sum, self.global_max), **stats}
         if "kl/per_sequence" in metrics:  # the horizon counts samples: the rows of every process
-            self.kl_controller.update(metrics["kl/per_sequence"],
+            self.kl_controller.adapt(metrics["kl/per_sequence"],
                                       self.prompt_sampler.global_batch * self.config.ppo.num_generations)
         metrics["time/update"] = time.perf_counter() - start
         metrics["time/elapsed"] = time.perf_counter() - self.train_start - self.eval_seconds
@@ -305,10 +308,10 @@ class PPOTrainer(TrainingRun):
         ppo = self.config.ppo
         return compute_targets(
             rollout, scores, estimator=ppo.advantage_estimator,
-            beta=self.kl_controller.value if ppo.kl_placement == "reward" else 0.0,
+            beta=0.0 if ppo.kl_in_loss else self.kl_controller.value,
             kl_estimator=ppo.kl_estimator_in_use, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.num_generations,
             whiten_advantages=ppo.whiten_advantages, whiten_rewards=self.config.reward.whiten_rewards,
-            turn_discount=self.config.environment.discount == "turn", reduce=self.sum_over_processes,
+            turn_discount=self.config.environment.turn_discount, reduce=self.sum_over_processes,
         )
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -429,15 +432,18 @@ class PPOTrainer(TrainingRun):
         sum of its per-token (or per-sequence) terms over `normalizer`, the mini-batch's global count."""
         ppo, acc = self.config.ppo, self.accelerator
         logprobs, values, logits = forward
+        coefficients = PPOCoefficients(
+            clip_range=ppo.clip_range, dual_clip=ppo.dual_clip, clip_range_value=ppo.clip_range_value,
+            vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_coef=self.kl_controller.value,
+            kl_estimator=ppo.kl_estimator_in_use, loss_agg=ppo.loss_agg,
+        )
         loss, stats = ppo_objective(
             logprobs, rollout.logprobs, targets.advantages, targets.loss_mask,
             token_entropy=entropy_from_logits(logits.detach() if ppo.ent_coef == 0 else logits,
                                               self.sampling.temperature),
             values=values, old_values=rollout.values, returns=targets.returns,
-            ref_logprobs=rollout.ref_logprobs if ppo.kl_placement == "loss" else None,
-            clip_range=ppo.clip_range, dual_clip=ppo.dual_clip, clip_range_value=ppo.clip_range_value,
-            vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_coef=self.kl_controller.value,
-            kl_estimator=ppo.kl_estimator_in_use, loss_agg=ppo.loss_agg, normalizer=normalizer,
+            ref_logprobs=rollout.ref_logprobs if ppo.kl_in_loss else None,
+            coefficients=coefficients, normalizer=normalizer,
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(

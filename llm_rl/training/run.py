@@ -154,6 +154,11 @@ class TrainingRun:
     def global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         return reduce_scalars(self.accelerator, values, "mean")
 
+    def global_max(self, value: torch.Tensor) -> float:
+        """The largest of every process's `value` (a scalar)."""
+        acc = self.accelerator
+        return float(acc.gather(value.detach().float().reshape(1).to(acc.device)).max())
+
     def finish(self) -> None:
         """End of the run: the model, tokenizer and config in output_dir, the card (and whatever
         `write_reports` adds), the optional Hub upload, the trackers closed."""
