@@ -1,6 +1,6 @@
 """Measure, per architecture, how far what PPO trains on is from what was sampled.
 
-For each tiny architecture of tests/test_architectures.py (dropout 0.1 in every config field, a saved
+For each tiny architecture of tests/models/test_architectures.py (dropout 0.1 in every config field, a saved
 generation_config with a repetition penalty, no-repeat n-grams, suppressed and bad words):
 
 - logprob_vs_plain: max |log-prob PPO trains on - log_softmax(plain model logits / T)| at the sampled tokens

@@ -1,8 +1,8 @@
 """One PPO update (`PPOTrainer.optimize`) on a fixed rollout, for the invariance tests.
 
-Imported by tests/test_invariance.py (one process) and run as an `accelerate launch` script (two processes,
-each taking its half of the same rollout): the parameters after the update must not depend on how the
-rollout is split into micro-batches or processes.
+Imported by tests/training/test_update_invariance.py (one process) and run as an `accelerate launch` script
+(two processes, each taking its half of the same rollout): the parameters after the update must not depend
+on how the rollout is split into micro-batches or processes.
 
     python tests/fixed_update.py MODEL_DIR OUT_DIR CASES_JSON
 

@@ -10,8 +10,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-PACKAGE = Path(__file__).resolve().parents[1] / "llm_rl"
+PACKAGE = REPO / "llm_rl"
 
 LAYERS: list[tuple[str, ...]] = [
     ("version", "config"),  # typed sections, choices and variant tables, user errors; no torch

@@ -1,5 +1,6 @@
-"""Tiny random configs of the causal-LM families the conformance suite covers (tests/test_architectures.py,
-benchmarks/architecture_conformance.py). No llm_rl import here, so the benchmark can measure any checkout.
+"""Tiny random configs of the causal-LM families the conformance suite covers
+(tests/models/test_architectures.py, benchmarks/architecture_conformance.py). No llm_rl import here, so the
+benchmark can measure any checkout.
 
 To add an architecture: one line in ARCHITECTURES (its model_type and the config keys that make it tiny or
 switch on what its forward does after the lm head).
@@ -20,8 +21,8 @@ TINY = dict(
 )
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 # model_type -> config keys on top of TINY. Post-processing after the lm head is switched on with values
-# large enough to matter on a random model: softcapping (Gemma 2/3, VaultGemma), logit scaling (Granite,
-# Cohere), embedding/residual scaling (MiniCPM3).
+# large enough to matter on a random model: softcapping (Gemma 2/3, VaultGemma, nanochat), logit scaling (Granite,
+# Cohere, HyperCLOVA X), embedding/residual scaling (MiniCPM3).
 ARCHITECTURES = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
     "llama": {},
@@ -52,8 +53,8 @@ ARCHITECTURES = {
     "cohere2_moe": dict(logit_scale=0.25, num_experts=4, num_experts_per_tok=2),
     "minicpm3": dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                      head_dim=None, num_key_value_heads=4, dim_model_base=16, scale_emb=2.0),
-    "nanochat": {},
-    "hyperclovax": {},
+    "nanochat": dict(final_logit_softcapping=2.0),
+    "hyperclovax": dict(logits_scaling=4.0),
     "laguna": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
                    layer_types=["full_attention"] * 2, mlp_layer_types=["dense", "sparse"],
                    num_attention_heads_per_layer=[4, 4]),

@@ -171,8 +171,6 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.cat(rows) if rows else logits.new_zeros(logits.shape[:-1], dtype=dtype)
 
 
-
-
 def select_rows(batch, rows: torch.Tensor, width: Optional[int], prompt_fields: tuple[str, ...] = ()) -> dict:
     """The tensor fields of the dataclass `batch` at `rows`, as a dict; per-token fields (all 2-D ones but
     `prompt_fields`) keep their first `width` response columns (all with None)."""
@@ -187,8 +185,6 @@ def select_rows(batch, rows: torch.Tensor, width: Optional[int], prompt_fields: 
     return out
 
 
-
-
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-align token lists for generation: (ids (batch, longest), mask (batch, longest))."""
     longest = max(len(s) for s in sequences)
@@ -198,7 +194,6 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
         ids[row, longest - len(seq) :] = torch.tensor(seq, dtype=torch.long)
         mask[row, longest - len(seq) :] = 1
     return ids, mask
-
 
 
 def right_pad(rows: list[list], width: int, fill, dtype) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Scores and how they become rewards: the `Scores` type (phase 2's output), score shaping (scale, clip,
+missing-EOS penalty), and the per-token rewards PPO optimises (r_t = -beta * KL_t + the sequence score
+on the last action)."""
 
 from __future__ import annotations
 

@@ -30,6 +30,13 @@ class ModelLoadError(UserError):
     label = "model error"
 
 
+class OutOfMemoryError(UserError):
+    """A run that ran out of device (or host) memory; the message names the keys that lower what it needs.
+    Raised from torch's OutOfMemoryError (or an allocator's RuntimeError), which is its `__cause__`."""
+
+    label = "out of memory"
+
+
 @contextlib.contextmanager
 def loading(key: str, name: Optional[str]):
     """Report a failed load of `name` (given as `key`) as a ModelLoadError naming both. transformers,

@@ -61,6 +61,9 @@ class ModelConfig(LoraOptions, ModelSource):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% more compute."}
     )
+    chunked_logprobs: bool = field(
+        default=True, metadata={"help": "Log-probs and entropy in chunks: never batch x len x vocab logits at once."}
+    )
 
 
 @dataclass

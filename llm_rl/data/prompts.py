@@ -77,8 +77,6 @@ def render_prompt(value, tokenizer, column: str, row: int) -> str:
     raise DataError(f"row {row}: column '{column}' must be a string or a list of chat messages, got {type(value)}")
 
 
-
-
 class PromptData:
     """Tokenized prompts plus the other columns (passed to reward functions)."""
 
@@ -197,7 +195,6 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
 
 
 def load_prompts(config: Config, tokenizer) -> PromptData | EpisodeRows:

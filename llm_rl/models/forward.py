@@ -1,10 +1,12 @@
-"""TODO docstring"""
+"""The training forward: one pass of the policy over prompt + response gives the sampled tokens' log-probs
+(at the sampling temperature), the values, and the entropy. The training forward and the no-grad ones
+(old policy, reference: `llm_rl.sampling.rollout`) take this one path, chunked where the model allows it
+(`CausalLMWithValueHead.forward`, the config's `chunked_logprobs`)."""
 
 from __future__ import annotations
 
 import torch
 
-from llm_rl.algorithms.ops import logprobs_from_logits
 from llm_rl.models.value_head import CausalLMWithValueHead
 
 
@@ -16,20 +18,19 @@ def forward_logprobs(
     response_mask: torch.Tensor,
     temperature: float,
     group_size: int = 1,
+    entropy: bool = True,
+    entropy_grad: bool = True,
 ):
-    """One forward over prompt + response: log-probs of the response tokens and the values.
+    """One forward over prompt + response: log-probs of the response tokens, the values and the entropy.
     `response_mask` is the attention mask of the response region (every real token after the prompt).
     `group_size` > 1: rows come in consecutive groups of one prompt; it runs once per group
-    (`CausalLMWithValueHead.forward`).
+    (`CausalLMWithValueHead.forward`). `entropy=False`: no entropy (None); `entropy_grad=False`: the
+    entropy is a value without a gradient (the entropy bonus is off).
 
-    Returns (logprobs (batch, resp_len), values (batch, resp_len) or None, logits).
+    Returns (logprobs (batch, resp_len), values (batch, resp_len) or None, entropy (batch, resp_len) or None).
+    `model` may be the accelerate-prepared policy (DDP, ...): the maths run inside its forward.
     """
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    logits, values = model(input_ids, attention_mask, response_start=prompt_ids.shape[1], group_size=group_size)
-    logprobs = logprobs_from_logits(logits, response_ids, temperature)
-    return logprobs, values, logits
-
-
-
-
+    return model(input_ids, attention_mask, response_start=prompt_ids.shape[1], group_size=group_size,
+                 tokens=response_ids, temperature=temperature, entropy=entropy, entropy_grad=entropy_grad)

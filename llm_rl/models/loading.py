@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""From a config to models: the tokenizer (left padding, a pad distinct from EOS), the policy with or
+without a value head (the estimator decides), an explicit reference, embeddings grown for an added pad
+token, and LoRA adapters (peft). A Hub id and a local folder take the same `from_pretrained` path."""
 
 from __future__ import annotations
 

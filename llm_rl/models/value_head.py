@@ -6,6 +6,12 @@ head (Gemma 2/3 softcapping, Granite's and Cohere's logit scaling, ...) is in th
 log-probs PPO trains on. The lm head runs only on the positions that predict
 response tokens (`logits_to_keep`), so prompt positions never pay for a
 (len, vocab) projection.
+
+Given the response tokens, the forward gives their log-probs and the entropy instead of
+logits. By default (`chunked_logprobs`) it skips the lm head and computes them from the
+hidden states the head reads, in chunks (`llm_rl.algorithms.chunked`): no (batch, len, vocab)
+tensor exists at once. That path is taken only where a check at load found it exact
+(`llm_rl.models.lm_head.check_chunked_head`); other models compute them from the logits.
 """
 
 from __future__ import annotations
@@ -22,7 +28,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from llm_rl.algorithms.chunked import chunked_logprobs_and_entropy
+from llm_rl.algorithms.ops import entropy_from_logits, logprobs_from_logits
 from llm_rl.config.errors import ModelLoadError
+from llm_rl.models.lm_head import (
+    check_chunked_head,
+    logit_transform,
+    plain_linear_head,
+    reading_lm_head_input,
+    report_unchunked,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -90,6 +105,11 @@ class CausalLMWithValueHead(nn.Module):
     `forward(input_ids, attention_mask, response_start)` returns logits and values at
     the positions that predict tokens `response_start ...` of `input_ids`:
     logits (batch, n, vocab), values (batch, n) with n = len - response_start.
+    `forward(..., tokens=response_ids, temperature=T)` returns their log-probs, the values and the entropy.
+
+    `chunked_logprobs`: whether that forward computes log-probs and entropy from the hidden states in
+    chunks (`use_chunked_logprobs`); `chunked_head_problem`: why the check at load kept this model off
+    that path (None: it passed). `logprob_chunk_size`: positions per chunk (None: ~16M logits a chunk).
     """
 
     def __init__(self, pretrained_model: nn.Module, value_head_init_std: float = 0.0, value_head: bool = True):
@@ -109,6 +129,9 @@ class CausalLMWithValueHead(nn.Module):
         self.keeps_logits = accepts_logits_to_keep(lm)  # checked once: the forward's signature does not change
         fuse_tanh_gelu(lm)
         self.shares_prompts = can_share_prompts(lm)
+        self.logit_transform = logit_transform(lm)  # what the forward does after the lm head (softcapping, ...)
+        self.logprob_chunk_size: Optional[int] = None
+        self.chunked_logprobs = False
         self.v_head: Optional[nn.Linear] = None
         if value_head:
             # fp32 head: values feed a regression loss whose scale differs from the LM's.
@@ -117,31 +140,98 @@ class CausalLMWithValueHead(nn.Module):
                 self.v_head.weight
             )
             nn.init.zeros_(self.v_head.bias)
+        self.chunked_head_problem = self._check_chunked_head()
+        self.use_chunked_logprobs(True)
+
+    def use_chunked_logprobs(self, enabled: bool = True) -> bool:
+        """Turn the chunked log-probs on or off (the config's `chunked_logprobs`); they stay off for a model
+        that failed the check at load (`chunked_head_problem`, logged once). Returns whether they are on."""
+        if enabled and self.chunked_head_problem is not None:
+            report_unchunked(self.config.model_type, self.chunked_head_problem)
+        self.chunked_logprobs = bool(enabled) and self.chunked_head_problem is None
+        return self.chunked_logprobs
+
+    def _check_chunked_head(self) -> Optional[str]:
+        """Why the chunked log-probs would not equal the model's own (None: they do): `check_chunked_head`."""
+        lm = unwrap_transformers_model(self.pretrained_model)
+
+        def chunked(ids, mask, tokens, temperature):
+            logprobs, _, entropy = self(ids, mask, response_start=1, tokens=tokens, temperature=temperature,
+                                        chunked=True)
+            return logprobs, entropy
+
+        with eval_mode(self):
+            return check_chunked_head(lm, self.logit_transform, chunked)
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, group_size: int = 1
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_start: int,
+        group_size: int = 1,
+        tokens: Optional[torch.Tensor] = None,
+        temperature: float = 1.0,
+        entropy: bool = True,
+        entropy_grad: bool = True,
+        chunked: Optional[bool] = None,
+    ) -> tuple:
         """Logits (batch, n, vocab) predicting the n response tokens after `response_start`, and the
         values (batch, n) of the states before them (None without a value head).
+
+        `tokens` (batch, n), the response tokens: (log-probs (batch, n) under softmax(logits / `temperature`),
+        values, entropy (batch, n) or None) instead. `entropy=False`: no entropy; `entropy_grad=False`: the
+        entropy carries no gradient. `chunked` (default `self.chunked_logprobs`): computed in chunks from the
+        hidden states the lm head reads (`chunked_logprobs_and_entropy`), the head skipped; otherwise from
+        the logits. Same numbers and gradients either way, to rounding.
 
         `group_size` > 1: the rows come in consecutive groups with the same prompt (num_generations).
         Every prompt token but the last then goes through the model once per group (`shared_prompt_cache`;
         its gradient is the sum over the group), and each row's last prompt token and response run on
         top: the same log-probs, values and gradients (to rounding), fewer tokens through the model."""
+        head = self._chunked_head(tokens is not None and (self.chunked_logprobs if chunked is None else chunked))
+        logits, hidden = self._run(input_ids, attention_mask, response_start, group_size, skip_head=head is not None)
+        values = None
+        if self.v_head is not None:
+            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (batch, n)
+        if tokens is None:
+            return logits, values
+        if head is not None:
+            logprobs, ent = chunked_logprobs_and_entropy(
+                hidden, head.weight, head.bias, tokens, temperature, post=self.logit_transform,
+                chunk_size=self.logprob_chunk_size, entropy=entropy, entropy_grad=entropy_grad,
+            )
+            return logprobs, values, ent
+        logprobs = logprobs_from_logits(logits, tokens, temperature)
+        ent = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature) if entropy else None
+        return logprobs, values, ent
+
+    def _chunked_head(self, wanted: bool) -> Optional[nn.Linear]:
+        """The lm head the chunked path reads, or None (not wanted, or the head is no longer a plain
+        `nn.Linear`: e.g. a LoRA adapter on it, added after the check at load; said once)."""
+        if not wanted:
+            return None
+        head = plain_linear_head(unwrap_transformers_model(self.pretrained_model))
+        if head is None:
+            report_unchunked(self.config.model_type, "its lm head is not a plain nn.Linear (an adapter on it?)")
+        return head
+
+    def _run(self, input_ids, attention_mask, response_start: int, group_size: int, skip_head: bool):
+        """The model's forward: (logits (batch, n, vocab), or None with `skip_head`; the hidden states
+        (batch, n, hidden) the lm head reads, or None when neither the value head nor `skip_head` needs them)."""
         n = input_ids.shape[1] - response_start  # response positions
         lm = unwrap_transformers_model(self.pretrained_model)
         kwargs = {"logits_to_keep": n + 1} if self.keeps_logits else {}
         position_ids = position_ids_from_mask(attention_mask)
         # gradient checkpointing turns transformers' cache off in training, which would drop the shared part
-        checkpointing = lm.training and getattr(lm, "is_gradient_checkpointing", False)
+        checkpointing = lm.training and activation_checkpointing(lm)
         if group_size > 1 and response_start > 1 and self.shares_prompts and not checkpointing:
             shared = response_start - 1
             kwargs["past_key_values"] = shared_prompt_cache(
                 self.pretrained_model, input_ids[:, :shared], attention_mask[:, :shared], group_size
             )
             input_ids, position_ids = input_ids[:, shared:], position_ids[:, shared:]
-        with reading_lm_head_input(lm, enabled=self.v_head is not None) as head_input:
+        with reading_lm_head_input(lm, enabled=self.v_head is not None, skip_head=skip_head) as head_input:
             logits = self.pretrained_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -150,12 +240,8 @@ class CausalLMWithValueHead(nn.Module):
                 **kwargs,
             ).logits
         # position t predicts token t+1: keep the positions that predict the response.
-        logits = logits[:, -(n + 1) : -1]  # (batch, n, vocab)
-        values = None
-        if self.v_head is not None:
-            hidden = head_input[0][:, -(n + 1) : -1]  # (batch, n, hidden): what the lm head read
-            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (batch, n)
-        return logits, values
+        hidden = head_input[0][:, -(n + 1) : -1] if head_input else None  # what the lm head read
+        return (None if skip_head else logits[:, -(n + 1) : -1]), hidden
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(
@@ -257,25 +343,27 @@ def shared_prompt_cache(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask:
     return cache
 
 
+def activation_checkpointing(lm: nn.Module) -> bool:
+    """Whether `lm` recomputes activations in backward (transformers 5: `is_activation_checkpointing`; its
+    deprecated alias `is_gradient_checkpointing` before)."""
+    flag = getattr(type(lm), "is_activation_checkpointing", None)
+    return bool(lm.is_activation_checkpointing if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing on a transformers model (or a peft model around one): its layers recompute
+    their activations in backward. transformers 5 calls it `activation_checkpointing_enable` (non-reentrant
+    checkpoints: no input that requires grad is needed, so frozen embeddings under LoRA are fine)."""
+    lm = unwrap_transformers_model(model)
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable()
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def accepts_logits_to_keep(lm: nn.Module) -> bool:
     """Whether the model's forward can skip the lm head on positions we do not need."""
     return "logits_to_keep" in inspect.signature(lm.forward).parameters
-
-
-@contextlib.contextmanager
-def reading_lm_head_input(lm: nn.Module, enabled: bool = True):
-    """Yield a list that holds, after the forward, the hidden states (batch, kept, hidden) the
-    lm head was applied to: the value head reads exactly the state the logits come from
-    (after the final norm and any architecture-specific scaling before the head)."""
-    captured: list[torch.Tensor] = []
-    if not enabled:
-        yield captured
-        return
-    handle = lm.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()
 
 
 def find_value_head(name_or_path: str) -> Optional[str]:

@@ -28,8 +28,6 @@ class RewardError(UserError):
     label = "reward error"
 
 
-
-
 def load_reward_function(spec: str) -> RewardFn:
     """'package.module:function' or 'path/to/file.py:function' -> the callable."""
     fn = import_from_spec(spec, "reward function", RewardError)
@@ -73,26 +71,6 @@ def check_signature(fn: RewardFn, columns: list[str]) -> None:
             f"{columns}, but {e} (its parameters: {', '.join(signature.parameters)}); name the columns it needs "
             "and add **kwargs for the rest"
         ) from e
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def compute_rewards(
@@ -206,11 +184,5 @@ def validate_rewards(
     if bad and not allow_nonfinite:
         raise RewardError(f"reward {name!r} returned non-finite values (NaN/inf) at rows {bad[:10]}")
     return values
-
-
-
-
-
-
 
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The rewards a config names: the reward model (`reward_model_name_or_path`), then the reward functions
+(`reward_funcs`, 'module:function'), and the held-out evaluation's (`eval_reward_funcs`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""A reward model: a sequence classifier with one output, read at the last real token of prompt + completion.
+
+`RewardModel` wraps it as a reward function (its own tokenizer, the same text rule as reward-model
+training, `reward_model_text`); `prefix_scores` reads its head at every response position (prefix_diff).
+A checkpoint without trained head weights is refused (`untrained_head_error`): it would score noise.
+"""
 
 from __future__ import annotations
 

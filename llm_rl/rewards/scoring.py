@@ -75,14 +75,15 @@ class RewardScorer:
         return unit * prefix_score, unit * prompt_score
 
 
-def prefix_reward_model(rewards: Sequence[RewardFn], tokenizer) -> RewardModel:
-    """The reward model an estimator reads at every response position: it must share the policy's tokens."""
+def prefix_reward_model(rewards: Sequence[RewardFn], tokenizer, estimator: str) -> RewardModel:
+    """The reward model the advantage `estimator` reads at every response position: it must share the
+    policy's tokens."""
     model = next((r for r in rewards if isinstance(r, RewardModel)), None)
     if model is None:
-        raise ConfigError("advantage_estimator prefix_diff needs a reward model (reward_model_name_or_path)")
+        raise ConfigError(f"advantage_estimator {estimator} needs a reward model (reward_model_name_or_path)")
     if model.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
-            "advantage_estimator prefix_diff scores the policy's own tokens: the reward model must use the "
+            f"advantage_estimator {estimator} scores the policy's own tokens: the reward model must use the "
             "policy's tokenizer (same vocabulary)"
         )
     return model

@@ -139,8 +139,6 @@ def checked_step(environment, response: str) -> tuple[Optional[Observation], flo
     return observation, reward, bool(done)
 
 
-
-
 @torch.no_grad()
 def run_episodes(
     lm,

@@ -120,6 +120,7 @@ def logprobs_and_values(
             rollout.response_mask[rows],
             temperature,
             group_size=group_size if chunk_size % group_size == 0 else 1,
+            entropy=False,
         )
         logprobs.append(lp)
         if v is not None and not reference:
@@ -141,8 +142,9 @@ def bootstrap_values(model: CausalLMWithValueHead, rollout: Rollout, chunk_size:
     for start in range(0, len(rollout), chunk_size):
         rows = slice(start, start + chunk_size)
         mask = torch.cat([rollout.prompt_mask[rows], region[rows]], dim=1)
-        _, values = model(torch.cat([rollout.prompt_ids[rows], ids[rows]], dim=1), mask,
-                          response_start=rollout.prompt_ids.shape[1])
+        # given the tokens, the forward skips the (rows, len, vocab) logits where it can (chunked_logprobs)
+        _, values, _ = model(torch.cat([rollout.prompt_ids[rows], ids[rows]], dim=1), mask,
+                             response_start=rollout.prompt_ids.shape[1], tokens=ids[rows], entropy=False)
         # values[:, j] is V before region token j, so j = length is V after the last real token
         out.append(values.float().gather(1, lengths[rows, None].long())[:, 0])
     return torch.cat(out)

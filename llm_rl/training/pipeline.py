@@ -19,28 +19,6 @@ from llm_rl.rewards.loading import load_eval_rewards, load_rewards
 logger = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def run_ppo(config: Config, callbacks: Sequence = ()):
     """Load everything the config names and train (with `llm_rl.training.callbacks.TrainerCallback`s); returns the
     trainer and per-update metrics."""

@@ -30,15 +30,19 @@ from accelerate.utils import DistributedType, set_seed
 from llm_rl.algorithms.advantages import ESTIMATORS
 from llm_rl.algorithms.kl import AdaptiveKLController, FixedKLController
 from llm_rl.algorithms.losses import PPOCoefficients, loss_normalizer, ppo_objective
-from llm_rl.algorithms.ops import entropy_from_logits
 from llm_rl.algorithms.scores import Scores
 from llm_rl.algorithms.targets import Targets, compute_targets
-from llm_rl.config.errors import ConfigError
+from llm_rl.config.errors import ConfigError, OutOfMemoryError
 from llm_rl.config.sections import Config
 from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
 from llm_rl.data.prompts import PromptData, PromptSampler
 from llm_rl.models.forward import forward_logprobs
-from llm_rl.models.value_head import CausalLMWithValueHead, disable_dropout, eval_mode
+from llm_rl.models.value_head import (
+    CausalLMWithValueHead,
+    disable_dropout,
+    enable_activation_checkpointing,
+    eval_mode,
+)
 from llm_rl.reporting.hub import model_card
 from llm_rl.reporting.metrics import log_table, write_completions
 from llm_rl.reporting.plotting import plot_training_curves
@@ -116,7 +120,8 @@ class PPOTrainer(TrainingRun):
         self.num_updates = train.max_updates or max(1, int(train.num_train_epochs * self.prompt_sampler.updates_per_epoch))
         self.sampling = SamplingSettings.from_config(config.sampling, tokenizer, self.rollout_rows)
         estimator = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator]
-        prefix_model = prefix_reward_model(rewards, tokenizer) if estimator.needs_reward_model else None
+        prefix_model = (prefix_reward_model(rewards, tokenizer, ppo.advantage_estimator)
+                        if estimator.needs_reward_model else None)
         # the reference's log-probs are read by the KL penalty only: with kl_coef 0 (and no adaptive
         # controller to raise it) no reference is kept or run
         self.uses_reference = ppo.kl_coef > 0 or ppo.adaptive_kl
@@ -166,7 +171,8 @@ class PPOTrainer(TrainingRun):
             disable_dropout(ref_model)
             ref_model.requires_grad_(False).eval()
         if self.config.model.gradient_checkpointing:
-            policy.pretrained_model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(policy.pretrained_model)
+        self._choose_logprob_path(policy, ref_model)
         check_master_weights(policy)
         # optimizer steps of this run (num_updates already reflects the process count)
         steps = self.num_updates * ppo.ppo_epochs * ppo.num_mini_batches
@@ -175,6 +181,18 @@ class PPOTrainer(TrainingRun):
         for reward in self.rewards:
             if hasattr(reward, "to"):
                 reward.to(self.accelerator.device)
+
+    def _choose_logprob_path(self, policy: CausalLMWithValueHead, ref_model: Optional[CausalLMWithValueHead]) -> None:
+        """`chunked_logprobs` on the policy and the reference: log-probs and entropy in chunks from the lm head's
+        input, where the check at load found that exact; off under FSDP / DeepSpeed (sharded heads, untested)."""
+        wanted = self.config.model.chunked_logprobs
+        if wanted and self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            warnings.warn("chunked_logprobs is off under FSDP / DeepSpeed: log-probs come from the full logits",
+                          RuntimeWarning, stacklevel=3)
+            wanted = False
+        for model in (policy, ref_model):
+            if model is not None:
+                model.use_chunked_logprobs(wanted)
 
     def _prepare_reference(self, ref_model: CausalLMWithValueHead) -> CausalLMWithValueHead:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -192,13 +210,13 @@ class PPOTrainer(TrainingRun):
         self.train_start, self.eval_seconds = time.perf_counter(), 0.0  # the time budget excludes evaluation
         while self.update < self.num_updates:
             start, timing = time.perf_counter(), {}
-            with timed(timing, "time/generate"):
+            with self.phase(timing, "time/generate"):
                 rollout = self.sampler.sample(self.prompts.batch(next(batches)))  # 1. token ids, masks, texts
-            with timed(timing, "time/reward"):
+            with self.phase(timing, "time/reward"):
                 scores = self.scorer.score(rollout)  # 2. rewards -> scores
-            with timed(timing, "time/forward"):
+            with self.phase(timing, "time/forward"):
                 rollout = self.old_and_reference(rollout)  # 3. old policy (unless fused) and reference, no grad
-            with timed(timing, "time/train"):
+            with self.phase(timing, "time/train"):
                 rollout, first_forward = self.fused_old_policy(rollout)  # 3. fused: the training forward is the old policy
                 targets = self.targets(rollout, scores)  # 4. KL, token rewards, advantages, value targets
                 train_stats = self.optimize(rollout, targets, first_forward)  # 5. the PPO epochs
@@ -410,12 +428,14 @@ class PPOTrainer(TrainingRun):
         return acc.distributed_type == DistributedType.DEEPSPEED and acc.mixed_precision == "fp16"  # its own scaler
 
     def forward(self, batch: Rollout, grouped: bool = False):
-        """Training forward (with grad): log-probs (batch, resp_len), values or None, logits.
+        """Training forward (with grad): log-probs (batch, resp_len), values or None, entropy (batch, resp_len),
+        the entropy without a gradient when ent_coef is 0. Chunked where the model allows it (`chunked_logprobs`).
         `grouped`: the rows are a whole rollout's in order, so each group's prompt runs once
         (`CausalLMWithValueHead.forward(group_size=...)`)."""
         return forward_logprobs(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
             self.sampling.temperature, group_size=self.forward_group_size(batch) if grouped else 1,
+            entropy_grad=self.config.ppo.ent_coef != 0,
         )
 
     def forward_group_size(self, rollout: Rollout) -> int:
@@ -425,13 +445,13 @@ class PPOTrainer(TrainingRun):
         return 1 if sharded else rollout.group_size
 
     def loss_and_backward(self, rollout: Rollout, targets: Targets, forward: tuple, normalizer) -> dict[str, torch.Tensor]:
-        """The PPO loss of a micro-batch from its training `forward` (log-probs, values, logits), and its
+        """The PPO loss of a micro-batch from its training `forward` (log-probs, values, entropy), and its
         backward; returns detached stats.
 
         Every term (policy, value, entropy, KL) is this micro-batch's share of its mini-batch's mean: the
         sum of its per-token (or per-sequence) terms over `normalizer`, the mini-batch's global count."""
         ppo, acc = self.config.ppo, self.accelerator
-        logprobs, values, logits = forward
+        logprobs, values, entropy = forward
         coefficients = PPOCoefficients(
             clip_range=ppo.clip_range, dual_clip=ppo.dual_clip, clip_range_value=ppo.clip_range_value,
             vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_coef=self.kl_controller.value,
@@ -439,8 +459,7 @@ class PPOTrainer(TrainingRun):
         )
         loss, stats = ppo_objective(
             logprobs, rollout.logprobs, targets.advantages, targets.loss_mask,
-            token_entropy=entropy_from_logits(logits.detach() if ppo.ent_coef == 0 else logits,
-                                              self.sampling.temperature),
+            token_entropy=entropy,
             values=values, old_values=rollout.values, returns=targets.returns,
             ref_logprobs=rollout.ref_logprobs if ppo.kl_in_loss else None,
             coefficients=coefficients, normalizer=normalizer,
@@ -455,6 +474,34 @@ class PPOTrainer(TrainingRun):
         # micro-batches and processes, to the gradient of the mini-batch's mean
         acc.backward(loss * (acc.gradient_accumulation_steps * acc.num_processes))
         return stats
+
+    @contextlib.contextmanager
+    def phase(self, timing: dict, key: str):
+        """One phase of an update: its seconds go to `timing[key]`, and running out of memory in it stops the
+        run with one `OutOfMemoryError` that names the keys which lower the memory an update needs."""
+        try:
+            with timed(timing, key):
+                yield
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            raise OutOfMemoryError(self.out_of_memory_message(key.removeprefix("time/"), error)) from error
+
+    def out_of_memory_message(self, phase: str, error: BaseException) -> str:
+        """What `phase` ran out of, and every key that lowers the memory an update needs, with its value now."""
+        model, ppo, sampling = self.config.model, self.config.ppo, self.sampling
+        policy = self.accelerator.unwrap_model(self.model)
+        chunked = "on" if policy.chunked_logprobs else "off" + (
+            f": {policy.chunked_head_problem}" if policy.chunked_head_problem else "")
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return (
+            f"update {self.update + 1} ran out of memory in its {phase} phase ({first_line}). To need less: "
+            f"smaller micro-batches (now {self.micro_batch_size} rows per forward: raise num_mini_batches, now "
+            f"{ppo.num_mini_batches}, or gradient_accumulation_steps, now {ppo.gradient_accumulation_steps}), "
+            f"a smaller generation_batch_size (now {sampling.chunk_size} rows per generate call) or max_new_tokens "
+            f"(now {sampling.max_new_tokens}), gradient_checkpointing: true (now {model.gradient_checkpointing}), "
+            f"chunked_logprobs: true (now {chunked}), use_peft: true (LoRA adapters; now {model.use_peft})."
+        )
 
     def check_first_ratio(self, max_dev: torch.Tensor) -> None:
         """Before any step the new/old ratio must be 1; otherwise rollout and training disagree."""
@@ -532,6 +579,15 @@ def with_old_policy(rollout: Rollout, forward: tuple) -> Rollout:
         rollout, logprobs=logprobs.detach().float().masked_fill(~valid, 0.0),
         values=None if values is None else values.detach().float().masked_fill(~valid, 0.0),
     )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, ...), or a RuntimeError that says so (other devices, the CPU allocator)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in message.lower() or "DefaultCPUAllocator: can't allocate memory" in message)
 
 
 @contextlib.contextmanager

@@ -42,13 +42,6 @@ from llm_rl.training.run import TrainingRun
 __all__ = ["RewardTrainer", "RewardTrainingConfig", "pairwise_loss", "train_reward_model"]
 
 
-
-
-
-
-
-
-
 # ====================================================================== model
 def load_reward_model(config: RewardTrainingConfig):
     """(AutoModelForSequenceClassification with one output, tokenizer with a distinct pad, resized?):
