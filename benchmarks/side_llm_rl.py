@@ -25,16 +25,17 @@ except ImportError:
 
 
 def _trainer(s: dict, assets: dict, vocab: int, max_new_tokens: int, value_head: bool, rewards: list, reward: dict,
-             ppo: dict, train: dict, callbacks=()):
+             ppo: dict, train: dict, callbacks=(), model: dict | None = None):
     """llm_rl's PPOTrainer on the benchmark's policy (`vocab` logits) and prompts, with settings `s` and these
-    sections of its Config."""
+    sections of its Config (`model`: keys added to its model section)."""
     from accelerate import Accelerator
 
     from llm_rl import CausalLMWithValueHead, Config, PPOTrainer, load_tokenizer
     from llm_rl.data.prompts import load_prompts  # not exported by llm_rl
 
     config = Config.from_dict({
-        "model": {"model_name_or_path": assets["policy"], "torch_dtype": s["dtype"], "gradient_checkpointing": False},
+        "model": {"model_name_or_path": assets["policy"], "torch_dtype": s["dtype"], "gradient_checkpointing": False,
+                  **(model or {})},
         "data": {"dataset_name": assets["data"], "prompt_column": "prompt", "max_prompt_length": 512},
         "sampling": {"max_new_tokens": max_new_tokens, "temperature": s["temperature"], "top_k": s["top_k"],
                      "top_p": s["top_p"], "stop_token": None, "missing_eos_penalty": None,
@@ -146,14 +147,16 @@ def ppo_worker(a, assets: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- grpo_update.py
-def grpo_worker(a, assets: dict) -> dict:
+def grpo_worker(a, assets: dict, model: dict | None = None) -> dict:
+    """One GRPO run; the settings and vocabulary from `assets` where the driver put them there (long_responses.py),
+    else grpo_update.py's. `model`: keys for the Config's model section (e.g. chunked_logprobs)."""
     harness.silence()
     import torch
 
-    s, total = harness.GRPO_SETTINGS, a.warmup + a.updates
+    s, total = assets.get("settings", harness.GRPO_SETTINGS), a.warmup + a.updates
     reward = harness.Reward()
     trainer = _trainer(
-        s, assets, len(harness.GRPO_CHARS), a._tokens, False, [reward],
+        s, assets, assets.get("vocab", len(harness.GRPO_CHARS)), a._tokens, False, [reward], model=model,
         reward={"whiten_rewards": False},
         ppo={"advantage_estimator": "grpo", "num_generations": s["num_generations"],
              "batch_size": s["batch_prompts"], "ppo_epochs": s["epochs"], "num_mini_batches": s["minibatches"],
@@ -186,5 +189,6 @@ def grpo_worker(a, assets: dict) -> dict:
                             for c, h in zip(cycle[timed], hist)]},
         "gc": gc_log.per_interval(bounds)[timed],
         "tokens_per_update": tokens, "score": [h["score/mean"] for h in hist],
-        "rss_after_setup_mb": rss_setup, "peak_rss_mb": reward.peak_mb[-1], "threads": torch.get_num_threads(),
+        "rss_after_setup_mb": rss_setup, "peak_rss_mb": reward.peak_mb[-1],
+        "peak_rss_process_mb": harness.peak_rss_mb(), "threads": torch.get_num_threads(),
     }

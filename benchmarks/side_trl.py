@@ -204,7 +204,7 @@ def grpo_worker(a, assets: dict) -> dict:
     if not trl.__version__.startswith(GRPO_TRL_VERSION):
         raise SystemExit(f"TRL side: found trl {trl.__version__}, need {GRPO_TRL_VERSION}x; install it apart:\n"
                          f"{GRPO_TRL_INSTALL}")
-    s, total = harness.GRPO_SETTINGS, a.warmup + a.updates
+    s, total = assets.get("settings", harness.GRPO_SETTINGS), a.warmup + a.updates  # as side_llm_rl.grpo_worker
     completions = s["batch_prompts"] * s["num_generations"]
     tokenizer = AutoTokenizer.from_pretrained(assets["policy"])
     policy = AutoModelForCausalLM.from_pretrained(assets["policy"], dtype=torch.float32)
@@ -272,6 +272,7 @@ def grpo_worker(a, assets: dict) -> dict:
                    "rest": [c - i for c, i in zip(cycle, inner)][timed]},
         "gc": gc_log.per_interval([x - gc_log.origin for x in ends])[timed],
         "tokens_per_update": [completions * a._tokens] * a.updates,
-        "rss_after_setup_mb": rss_setup, "peak_rss_mb": reward.peak_mb[-1], "threads": torch.get_num_threads(),
+        "rss_after_setup_mb": rss_setup, "peak_rss_mb": reward.peak_mb[-1],
+        "peak_rss_process_mb": harness.peak_rss_mb(), "threads": torch.get_num_threads(),
         "trl_version": trl.__version__,
     }

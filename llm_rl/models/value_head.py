@@ -308,7 +308,7 @@ def fuse_tanh_gelu(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is NewGELUActivation:
-                setattr(parent, name, nn.GELU(approximate="tanh"))
+                setattr(parent, name, nn.GELU(approximate="tanh").train(child.training))
                 count += 1
     return count
 
@@ -383,13 +383,16 @@ def find_value_head(name_or_path: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
-    """`module` in eval mode inside the block, its previous mode restored after."""
-    was_training = module.training
+    """`module` in eval mode inside the block; after it, every submodule back in its own previous mode
+    (`module.train(was)` would set them all alike: a wrapper in training mode around a model loaded in
+    eval mode would switch the model's dropout on)."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, was_training in modes:
+            m.training = was_training
 
 
 @contextlib.contextmanager

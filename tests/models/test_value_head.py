@@ -63,6 +63,23 @@ def test_values_zero_at_init(tiny_model_dir):
     assert values.abs().min() > 0
 
 
+def test_loading_keeps_the_models_eval_mode(tiny_model_dir):
+    """The check at load runs in eval mode; it must hand back the loaded model (eval, dropout off) as it
+    was, or two copies of one checkpoint would give different log-probs (dropout in one of them)."""
+    for value_head in (True, False):
+        model = CausalLMWithValueHead.from_pretrained(str(tiny_model_dir), value_head=value_head)
+        assert not model.pretrained_model.training
+        assert not any(m.training for m in model.pretrained_model.modules())
+    ids, mask, start = batch_of_prompts_and_responses()
+    tokens = ids[:, start:]
+    policy = CausalLMWithValueHead.from_pretrained(str(tiny_model_dir))
+    reference = CausalLMWithValueHead.from_pretrained(str(tiny_model_dir), value_head=False)
+    with torch.no_grad():
+        a, _, _ = policy(ids, mask, response_start=start, tokens=tokens)
+        b, _, _ = reference(ids, mask, response_start=start, tokens=tokens)
+    assert torch.equal(a, b)
+
+
 def test_no_value_head(tiny_lm):
     policy = CausalLMWithValueHead(tiny_lm, value_head=False)
     assert policy.v_head is None
