@@ -25,9 +25,9 @@ except ImportError:
 
 
 def _trainer(s: dict, assets: dict, vocab: int, max_new_tokens: int, value_head: bool, rewards: list, reward: dict,
-             ppo: dict, train: dict, callbacks=(), model: dict | None = None):
+             ppo: dict, train: dict, callbacks=(), model: dict | None = None, sampling: dict | None = None):
     """llm_rl's PPOTrainer on the benchmark's policy (`vocab` logits) and prompts, with settings `s` and these
-    sections of its Config (`model`: keys added to its model section)."""
+    sections of its Config (`model`, `sampling`: keys added to those sections)."""
     from accelerate import Accelerator
 
     from llm_rl import CausalLMWithValueHead, Config, PPOTrainer, load_tokenizer
@@ -39,7 +39,7 @@ def _trainer(s: dict, assets: dict, vocab: int, max_new_tokens: int, value_head:
         "data": {"dataset_name": assets["data"], "prompt_column": "prompt", "max_prompt_length": 512},
         "sampling": {"max_new_tokens": max_new_tokens, "temperature": s["temperature"], "top_k": s["top_k"],
                      "top_p": s["top_p"], "stop_token": None, "missing_eos_penalty": None,
-                     "generation_batch_size": None},
+                     "generation_batch_size": None, **(sampling or {})},
         "reward": reward,
         "ppo": ppo,
         "train": {"overwrite_output_dir": True, "save_steps": 0, "eval_steps": 0, "report_to": "none",
@@ -147,16 +147,16 @@ def ppo_worker(a, assets: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- grpo_update.py
-def grpo_worker(a, assets: dict, model: dict | None = None) -> dict:
+def grpo_worker(a, assets: dict, model: dict | None = None, sampling: dict | None = None) -> dict:
     """One GRPO run; the settings and vocabulary from `assets` where the driver put them there (long_responses.py),
-    else grpo_update.py's. `model`: keys for the Config's model section (e.g. chunked_logprobs)."""
+    else grpo_update.py's. `model`, `sampling`: keys for those Config sections (chunked_logprobs, rollout_engine)."""
     harness.silence()
     import torch
 
     s, total = assets.get("settings", harness.GRPO_SETTINGS), a.warmup + a.updates
     reward = harness.Reward()
     trainer = _trainer(
-        s, assets, assets.get("vocab", len(harness.GRPO_CHARS)), a._tokens, False, [reward], model=model,
+        s, assets, assets.get("vocab", len(harness.GRPO_CHARS)), a._tokens, False, [reward], model=model, sampling=sampling,
         reward={"whiten_rewards": False},
         ppo={"advantage_estimator": "grpo", "num_generations": s["num_generations"],
              "batch_size": s["batch_prompts"], "ppo_epochs": s["epochs"], "num_mini_batches": s["minibatches"],
@@ -185,6 +185,7 @@ def grpo_worker(a, assets: dict, model: dict | None = None) -> dict:
         "side": "ours", "seconds": cycle[timed], "inner_seconds": phase("time/update"),
         "phases": {"generate": phase("time/generate"), "reference": phase("time/forward"),
                    "reward": phase("time/reward"), "train": phase("time/train"),
+                   "weight_sync": phase("time/weight_sync"),
                    "rest": [c - h["time/generate"] - h["time/forward"] - h["time/reward"] - h["time/train"]
                             for c, h in zip(cycle[timed], hist)]},
         "gc": gc_log.per_interval(bounds)[timed],

@@ -98,6 +98,7 @@ def policy_loss(
     dual_clip: float | None = None,
     loss_agg: str = DEFAULT_LOSS_AGGREGATION,
     normalizer: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (as a loss to minimise).
 
@@ -118,6 +119,9 @@ def policy_loss(
     the active max), ``approx_kl`` (masked mean of ``0.5 * log_ratio^2``),
     ``ratio_mean``, ``ratio_max``, and ``dual_clipfrac`` when dual clip is on:
     means over this batch, whatever ``normalizer`` (see `aggregate_loss`) is.
+
+    ``token_weights`` ``(batch, resp_len)``, constants: each token's loss ``l_t`` is multiplied by its weight
+    (a rollout engine's importance ratio, llm_rl.algorithms.rollout_correction); None: all 1.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -144,6 +148,8 @@ def policy_loss(
         capped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(capped, cap, per_token)
         stats["dual_clipfrac"] = masked_mean(capped.to(logprobs.dtype), mask).detach()
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
 
     loss = aggregate_loss(per_token, mask, loss_agg, normalizer)
 
@@ -233,6 +239,7 @@ def ppo_objective(
     ref_logprobs: Tensor | None = None,
     coefficients: PPOCoefficients = PPOCoefficients(),
     normalizer: Tensor | float | None = None,
+    importance_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The whole PPO loss of a batch, and its metrics under their logged names.
 
@@ -241,12 +248,14 @@ def ppo_objective(
     are ``(batch, resp_len)``; ``logprobs``, ``values`` and ``token_entropy`` carry the gradient, the rest
     are rollout constants. ``values=None``: no critic (no value term). ``ref_logprobs`` given: KL to the
     reference as a loss term (``kl_placement: loss``) with ``kl_estimator``, masked before its ``exp``.
+    ``importance_weights``: the policy term's per-token weights (`policy_loss`'s ``token_weights``).
     """
     from llm_rl.algorithms.kl import kl_penalty
 
     c, loss_agg = coefficients, coefficients.loss_agg
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=c.clip_range,
-                                    dual_clip=c.dual_clip, loss_agg=loss_agg, normalizer=normalizer)
+                                    dual_clip=c.dual_clip, loss_agg=loss_agg, normalizer=normalizer,
+                                    token_weights=importance_weights)
     loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
     if values is not None:
         vf_loss, vf_stats = value_loss(values.float(), old_values, returns, mask, clip_range_value=c.clip_range_value,

@@ -47,6 +47,8 @@ class Targets:
     token_rewards: Tensor  # what the estimator saw: -beta * KL, token scores, the sequence score on the last action
     advantages: Tensor
     returns: Optional[Tensor]  # the value head's targets (gae), else None
+    # weights of the policy loss correcting an engine's own sampling distribution (rollout_correction); None: 1
+    importance_weights: Optional[Tensor] = None
 
     def select(self, rows: Tensor, width: Optional[int] = None) -> Targets:
         """The `rows` of every field, response columns cut to `width`."""

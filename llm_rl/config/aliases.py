@@ -78,6 +78,10 @@ ALIASES: dict[str, tuple[str, str]] = {
     "log_completions": ("log_completions_steps", "every N updates instead of a switch"),
     "use_wandb": ("report_to", "report_to: wandb"),
     "wandb_project": ("run_name", "the project comes from WANDB_PROJECT"),
+    "use_vllm": ("rollout_engine", "rollout_engine: vllm (in the training process, TRL's vllm_mode colocate)"),
+    "vllm_mode": ("rollout_engine", "the engine always runs colocated, in each training process"),
+    "vllm_max_model_length": ("vllm_max_model_len", ""),
+    "vllm_importance_sampling_cap": ("vllm_importance_sampling_clip_max", ""),
 }
 
 

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from llm_rl.config.variants import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from llm_rl.config.variants import (
+    ADVANTAGE_ESTIMATORS,
+    IMPORTANCE_SAMPLING_MODES,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    ROLLOUT_ENGINES,
+)
 
 AdvantageEstimator = Literal[tuple(ADVANTAGE_ESTIMATORS)]
 KLEstimator = Literal[tuple(KL_ESTIMATORS)]
 LossAggregation = Literal[tuple(LOSS_AGGREGATIONS)]
+RolloutEngine = Literal[tuple(ROLLOUT_ENGINES)]
+ImportanceSamplingModeName = Literal[tuple(IMPORTANCE_SAMPLING_MODES)]
 
 KLPlacement = Literal["reward", "loss"]
 Schedule = Literal["constant", "linear", "cosine"]

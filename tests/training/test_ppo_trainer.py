@@ -185,6 +185,36 @@ def test_an_engine_with_its_own_logprobs_plugs_into_the_sampler_seam(assets, tmp
     assert not any(key.startswith("mismatch/") for key in plain[0])  # HF generate reports no log-probs of its own
 
 
+def shifted_run(assets, folder, shift: float, **overrides):
+    config = make_config(assets, folder, max_updates=1, num_generations=2, **overrides)
+    trainer = build_trainer(config)
+    trainer.sampler = ShiftedEngine(trainer.sampler, trainer.model, config.sampling.temperature, shift=shift)
+    return trainer.train()[0]
+
+
+def test_the_importance_correction_weighs_the_policy_loss(assets, tmp_path):
+    """A perturbed engine: its log-probs 0.5 above the trainer's on every action, so each token's ratio
+    pi_old / pi_engine is e^-0.5. token_truncate (cap 3) weighs every token's loss by e^-0.5 = 0.6065; the
+    same first rollout without the correction has the unweighted loss."""
+    plain = shifted_run(assets, tmp_path / "off", 0.5, vllm_importance_sampling_correction=False)
+    tis = shifted_run(assets, tmp_path / "tis", 0.5, vllm_importance_sampling_mode="token_truncate")
+    assert plain["loss/policy"] != 0.0
+    assert tis["loss/policy"] == pytest.approx(math.exp(-0.5) * plain["loss/policy"], rel=1e-4)
+    for key in ("mean", "min", "max"):
+        assert tis[f"mismatch/importance_weight_{key}"] == pytest.approx(math.exp(-0.5), rel=1e-5)
+    assert tis["mismatch/over_cap_fraction"] == 0.0
+    assert "mismatch/importance_weight_mean" not in plain and plain["mismatch/kl"] > 0
+
+
+def test_sequence_mask_drops_responses_over_the_cap(assets, tmp_path):
+    """The engine 2 nats below the trainer on every action: every token's ratio e^2 = 7.4 is over the cap 3, and
+    so is every response's; sequence_mask (the default) gives them all weight 0, so nothing is trained."""
+    row = shifted_run(assets, tmp_path / "mask", -2.0)
+    assert row["mismatch/over_cap_fraction"] == 1.0
+    assert row["mismatch/importance_weight_max"] == 0.0
+    assert row["loss/policy"] == 0.0
+
+
 # ----------------------------------------------------------------------------- other shapes of run
 def test_gradient_accumulation_and_minibatches(assets, tmp_path):
     config = make_config(assets, tmp_path / "run", batch_size=8, num_mini_batches=2, gradient_accumulation_steps=2,
