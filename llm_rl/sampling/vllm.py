@@ -153,12 +153,14 @@ def build_engine(model_path: str, lm, sampling_config, max_model_len: int, max_n
     )
 
 
-def sampling_params(vllm, settings: SamplingSettings, num_generations: int):
+def sampling_params(vllm, settings: SamplingSettings, num_generations: int, vocab_size: int):
     """The run's sampling keys as vLLM's SamplingParams: n completions per prompt, the sampled token's
-    log-prob, nothing else shaping the distribution."""
+    log-prob, nothing else shaping the distribution. Stop ids beyond the model's `vocab_size` logits can never
+    be sampled, so they are left out (vLLM refuses them)."""
+    stops = [i for i in settings.stop_token_ids if i < vocab_size]
     return vllm.SamplingParams(
         n=num_generations, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-        max_tokens=settings.max_new_tokens, stop_token_ids=list(settings.stop_token_ids), ignore_eos=True,
+        max_tokens=settings.max_new_tokens, stop_token_ids=stops or None, ignore_eos=True,
         logprobs=0, detokenize=False, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
         min_p=0.0, min_tokens=0,
     )
@@ -198,7 +200,7 @@ class VLLMSampler:
                                 accelerator.device)
         self.weights = EngineWeights(self.llm, sampling_config.vllm_weight_sync_bucket_mb << 20,
                                      transfer=accelerator.device.type == "cuda")
-        self.params = sampling_params(self.vllm, settings, num_generations)
+        self.params = sampling_params(self.vllm, settings, num_generations, lm.get_output_embeddings().out_features)
         self.timing: dict[str, float] = {}  # the last sample's weight push, merged into the update's time/* metrics
 
     @torch.no_grad()

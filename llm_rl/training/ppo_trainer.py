@@ -194,6 +194,9 @@ class PPOTrainer(TrainingRun):
         # optimizer steps of this run (num_updates already reflects the process count)
         steps = self.num_updates * ppo.ppo_epochs * ppo.num_mini_batches
         self.prepare_training(policy, ppo, steps, trainable_only=uses_adapter)
+        # training mode for the training forwards (gradient checkpointing recomputes only there; dropout is off);
+        # the no-grad passes switch to eval and back (`eval_mode` restores each module's own flag)
+        self.model.train()
         self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
         for reward in self.rewards:
             if hasattr(reward, "to"):

@@ -194,12 +194,13 @@ def shifted_run(assets, folder, shift: float, **overrides):
 
 def test_the_importance_correction_weighs_the_policy_loss(assets, tmp_path):
     """A perturbed engine: its log-probs 0.5 above the trainer's on every action, so each token's ratio
-    pi_old / pi_engine is e^-0.5. token_truncate (cap 3) weighs every token's loss by e^-0.5 = 0.6065; the
-    same first rollout without the correction has the unweighted loss."""
-    plain = shifted_run(assets, tmp_path / "off", 0.5, vllm_importance_sampling_correction=False)
-    tis = shifted_run(assets, tmp_path / "tis", 0.5, vllm_importance_sampling_mode="token_truncate")
-    assert plain["loss/policy"] != 0.0
-    assert tis["loss/policy"] == pytest.approx(math.exp(-0.5) * plain["loss/policy"], rel=1e-4)
+    pi_old / pi_engine is e^-0.5. token_truncate (cap 3) weighs every token's loss by e^-0.5 = 0.6065, so on the
+    same first rollout (GRPO: the policy loss is the only term) the gradient is e^-0.5 times the uncorrected one."""
+    grpo = dict(advantage_estimator="grpo")
+    plain = shifted_run(assets, tmp_path / "off", 0.5, vllm_importance_sampling_correction=False, **grpo)
+    tis = shifted_run(assets, tmp_path / "tis", 0.5, vllm_importance_sampling_mode="token_truncate", **grpo)
+    assert plain["grad_norm"] > 0.0
+    assert tis["grad_norm"] == pytest.approx(math.exp(-0.5) * plain["grad_norm"], rel=1e-4)
     for key in ("mean", "min", "max"):
         assert tis[f"mismatch/importance_weight_{key}"] == pytest.approx(math.exp(-0.5), rel=1e-5)
     assert tis["mismatch/over_cap_fraction"] == 0.0
