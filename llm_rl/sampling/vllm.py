@@ -131,6 +131,20 @@ def check_architecture(vllm, lm) -> None:
                           "use rollout_engine: hf for this policy")
 
 
+def engine_length(config, model_config) -> int:
+    """The engine's max_model_len: `vllm_max_model_len`, or max_prompt_length + max_new_tokens, never above the
+    positions the model has (vLLM refuses a longer one; a prompt plus response that long would not fit either)."""
+    positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    asked = config.sampling.vllm_max_model_len
+    if asked is not None:
+        if positions is not None and asked > positions:
+            raise ConfigError(f"vllm_max_model_len {asked} is above the model's {positions} positions "
+                              f"(max_position_embeddings): set it to at most {positions}")
+        return asked
+    wanted = config.data.max_prompt_length + config.sampling.max_new_tokens
+    return wanted if positions is None else min(wanted, positions)
+
+
 def build_engine(model_path: str, lm, sampling_config, max_model_len: int, max_num_seqs: int, seed: int, device):
     """A colocated vllm.LLM on the policy's checkpoint folder, sized for one rollout. It must come after the run
     has set torch's thread count: in-process, vLLM turns later `torch.set_num_threads` calls into no-ops."""
@@ -144,13 +158,17 @@ def build_engine(model_path: str, lm, sampling_config, max_model_len: int, max_n
     dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
     extra = {} if on_cpu else {"gpu_memory_utilization": sampling_config.vllm_gpu_memory_utilization,
                                "weight_transfer_config": {"backend": "ipc"}}
-    return vllm.LLM(
-        model=model_path, skip_tokenizer_init=True, dtype=dtype, seed=seed, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, enforce_eager=on_cpu, enable_prefix_caching=False,
-        logprobs_mode="processed_logprobs", generation_config="vllm",  # the checkpoint's sampling defaults unread
-        load_format="dummy",  # no weights read from the folder: the policy's are pushed before every rollout
-        **extra,
-    )
+    try:
+        return vllm.LLM(
+            model=model_path, skip_tokenizer_init=True, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, enforce_eager=on_cpu, enable_prefix_caching=False,
+            logprobs_mode="processed_logprobs", generation_config="vllm",  # the checkpoint's sampling defaults unread
+            load_format="dummy",  # no weights read from the folder: the policy's are pushed before every rollout
+            **extra,
+        )
+    except ValueError as e:  # vLLM's own config checks (pydantic): the message says which setting
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"rollout_engine: vllm: vLLM {vllm.__version__} refused the engine settings: {reason}") from e
 
 
 def sampling_params(vllm, settings: SamplingSettings, num_generations: int, vocab_size: int):

@@ -156,13 +156,13 @@ class PPOTrainer(TrainingRun):
     def _vllm_sampler(self, sharded: bool) -> Sampler:
         """A vLLM engine in this process, built after the run set its threads; one per process, each pushed this
         process's (identical) policy weights before every rollout, and seeded by rank."""
-        from llm_rl.sampling.vllm import VLLMSampler
+        from llm_rl.sampling.vllm import VLLMSampler, engine_length
 
         if sharded:
             raise ConfigError("rollout_engine: vllm pushes whole weights from each process: FSDP / DeepSpeed shard "
                               "them; use DDP (accelerate_configs/multi_gpu.yaml or cpu.yaml) or rollout_engine: hf")
         config, acc = self.config, self.accelerator
-        length = config.sampling.vllm_max_model_len or config.data.max_prompt_length + config.sampling.max_new_tokens
+        length = engine_length(config, self.model.pretrained_model.config)
         return VLLMSampler(self.model, acc, self.tokenizer, self.sampling, config.ppo.num_generations,
                            config.sampling, config.model.model_name_or_path, length,
                            seed=config.train.seed + acc.process_index)

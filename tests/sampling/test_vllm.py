@@ -11,7 +11,7 @@ import torch
 from conftest import build_tokenizer, build_trainer, ppo_config, write_jsonl, write_sevens_reward
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.sections import Config
-from llm_rl.sampling.vllm import EngineWeights, buckets, engine_weight_names
+from llm_rl.sampling.vllm import EngineWeights, buckets, engine_length, engine_weight_names
 
 PROMPTS = ["1+2=", "17+5=", "123+45=", "7+77=", "30+3=", "999+1=", "4+56=", "78+9="]
 
@@ -118,6 +118,19 @@ def test_vllm_settings_it_cannot_do_are_refused(monkeypatch, values, message):
     monkeypatch.setattr(rules, "find_spec", lambda name: object())  # as if installed
     with pytest.raises(ConfigError, match=message):
         vllm_config(**values).validate()
+
+
+def test_engine_length_stays_within_the_models_positions():
+    from transformers import GPT2Config
+
+    config = Config.from_dict(dict(max_prompt_length=512, max_new_tokens=6))
+    assert engine_length(config, GPT2Config(n_positions=32)) == 32  # the demo's model: 518 would be refused
+    assert engine_length(config, GPT2Config(n_positions=1024)) == 518
+    config.sampling.vllm_max_model_len = 24
+    assert engine_length(config, GPT2Config(n_positions=32)) == 24
+    config.sampling.vllm_max_model_len = 64
+    with pytest.raises(ConfigError, match="vllm_max_model_len 64 is above the model's 32 positions"):
+        engine_length(config, GPT2Config(n_positions=32))
 
 
 def test_truncated_sampling_is_allowed_without_the_correction(monkeypatch):
