@@ -83,8 +83,8 @@ class EngineWeights:
     CUDA IPC, `init_weight_transfer_engine` once, then per push `start_weight_update`, one `update_weights` per
     bucket and `finish_weight_update`; the engine reads the trainer's tensors in place (no host copy)."""
 
-    def __init__(self, llm, bucket_bytes: int, transfer: bool = False):
-        self.llm, self.bucket_bytes, self.transfer = llm, bucket_bytes, transfer
+    def __init__(self, llm, bucket_bytes: int, transfer: bool = False, tied_head: bool = False):
+        self.llm, self.bucket_bytes, self.transfer, self.tied_head = llm, bucket_bytes, transfer, tied_head
         self.started = False
         self.seconds = 0.0  # of the last push
 
@@ -97,6 +97,8 @@ class EngineWeights:
             else:
                 flat = (item for group in groups for item in group)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": flat})
+                if self.tied_head:
+                    self.llm.collective_rpc(repack_tied_lm_head)
         self.llm.reset_prefix_cache()
         self.seconds = time.perf_counter() - start
 
@@ -117,6 +119,20 @@ class EngineWeights:
                 "ipc_handles": [{uuid: reduce_tensor(t)[1]} for t in kept],
             },))
         self.llm.collective_rpc("finish_weight_update")
+
+
+def ties_output_embedding(lm) -> bool:
+    """Whether the LM's output projection is its input embedding (GPT-2, small Qwen2/Llama/Gemma checkpoints)."""
+    out, inp = lm.get_output_embeddings(), lm.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def repack_tied_lm_head(worker) -> None:
+    """Runs on the engine's worker after a CPU reload of a tied model. vLLM's CPU build computes the logits from
+    a prepacked copy of the lm head's weight; the reload refills the tensor the head shares with the embedding
+    through the embedding layer only, so without this the head would keep sampling from the old weights."""
+    head = worker.model_runner.get_model().lm_head
+    head.quant_method.process_weights_after_loading(head)
 
 
 # ====================================================================== the engine
@@ -217,7 +233,7 @@ class VLLMSampler:
         self.llm = build_engine(model_path, lm, sampling_config, max_model_len, settings.chunk_size, seed,
                                 accelerator.device)
         self.weights = EngineWeights(self.llm, sampling_config.vllm_weight_sync_bucket_mb << 20,
-                                     transfer=accelerator.device.type == "cuda")
+                                     transfer=accelerator.device.type == "cuda", tied_head=ties_output_embedding(lm))
         self.params = sampling_params(self.vllm, settings, num_generations, lm.get_output_embeddings().out_features)
         self.timing: dict[str, float] = {}  # the last sample's weight push, merged into the update's time/* metrics
 

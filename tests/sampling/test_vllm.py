@@ -58,6 +58,17 @@ def test_cpu_push_is_one_reload_of_every_weight_then_a_cache_reset(tiny_lm):
         torch.testing.assert_close(engine.loaded[name], tensor.detach())
 
 
+def test_cpu_push_of_a_tied_model_repacks_the_lm_head_after_the_reload(tiny_lm):
+    """vLLM's CPU build computes logits from a packed copy of the head; a tied head gets no weights of its own in
+    the reload, so the push asks the worker to repack it (else the engine samples from the old head)."""
+    from llm_rl.sampling.vllm import repack_tied_lm_head, ties_output_embedding
+
+    assert ties_output_embedding(tiny_lm)  # the GPT-2 of the fixture ties its head to wte
+    engine = FakeEngine()
+    EngineWeights(engine, bucket_bytes=1 << 10, tied_head=True).push(tiny_lm)
+    assert engine.calls == ["reload_weights", repack_tied_lm_head, "reset_prefix_cache"]
+
+
 def test_lora_is_merged_for_the_push_and_unmerged_after(tiny_lm):
     from peft import LoraConfig, get_peft_model
 
@@ -148,41 +159,58 @@ def test_trl_names_point_to_the_keys():
 
 
 # ----------------------------------------------------------------------------- the engine itself
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A tiny random Llama (head_dim 32, which vLLM's CPU attention takes) and the character tokenizer."""
-    pytest.importorskip("vllm", reason="vllm not installed")
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_engine_model(path, family: str):
+    """A tiny random LM of `family` (head_dim 32, which vLLM's CPU attention takes) and the character tokenizer:
+    an untied Llama, and two whose lm head is the input embedding (a tied Qwen2 and GPT-2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny_llama")
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    decoder = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, **ids)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(path)
+        if family == "llama":
+            lm = LlamaForCausalLM(LlamaConfig(**decoder))
+        elif family == "qwen2_tied":
+            lm = Qwen2ForCausalLM(Qwen2Config(**decoder, tie_word_embeddings=True))
+        else:
+            lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2,
+                                            n_positions=128, **ids))
+    lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def engine_config(llama_dir, tmp_path, engine: str, **values):
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    pytest.importorskip("vllm", reason="vllm not installed")
+    return save_engine_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2_tied", "gpt2"])
+def engine_model_dir(request, tmp_path_factory):
+    pytest.importorskip("vllm", reason="vllm not installed")
+    return save_engine_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def engine_config(model_dir, tmp_path, engine: str, **values):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     values = {**dict(reward_funcs=[write_sevens_reward(tmp_path)], batch_size=4, num_generations=2, max_new_tokens=12,
                      max_updates=2, learning_rate=1e-3, seed=0, advantage_estimator="grpo", rollout_engine=engine,
                      max_prompt_length=16, vllm_kv_cache_gb=1), **values}
-    config = ppo_config(llama_dir, prompts, tmp_path / f"run-{engine}", **values)
+    config = ppo_config(model_dir, prompts, tmp_path / f"run-{engine}", **values)
     config.validate()
     return config
 
 
 @pytest.mark.vllm
-def test_vllm_rollout_matches_the_training_model(llama_dir, tmp_path):
+def test_vllm_rollout_matches_the_training_model(engine_model_dir, tmp_path):
     """The engine's rollout: num_generations rows per prompt, cut after the first stop token like HF's, and its
     log-probs of the sampled tokens equal to the training model's (float32, CPU) within 1e-4."""
     from llm_rl.sampling.rollout import logprobs_and_values
 
-    trainer = build_trainer(engine_config(llama_dir, tmp_path, "vllm"))
+    trainer = build_trainer(engine_config(engine_model_dir, tmp_path, "vllm"))
     batch = trainer.prompts.batch(list(range(4)))
     rollout = trainer.sampler.sample(batch)
     assert len(rollout) == 8 and rollout.group_size == 2
@@ -199,12 +227,12 @@ def test_vllm_rollout_matches_the_training_model(llama_dir, tmp_path):
 
 
 @pytest.mark.vllm
-def test_pushed_weights_change_what_the_engine_samples_from(llama_dir, tmp_path):
+def test_pushed_weights_change_what_the_engine_samples_from(engine_model_dir, tmp_path):
     """After the policy's weights change, the next rollout's engine log-probs are the new weights' (a sync bug
     would leave them at the old ones)."""
     from llm_rl.sampling.rollout import logprobs_and_values
 
-    trainer = build_trainer(engine_config(llama_dir, tmp_path, "vllm"))
+    trainer = build_trainer(engine_config(engine_model_dir, tmp_path, "vllm"))
     lm = trainer.accelerator.unwrap_model(trainer.model).pretrained_model
     with torch.no_grad():
         lm.lm_head.weight.mul_(3.0)
