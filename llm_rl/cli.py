@@ -29,16 +29,15 @@ def ppo_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: llm-rl ppo --config FILE.yaml [--key value ...]\n\nkeys:" + format_help())
         return 0
-    config_path, argv = split_config_arg(argv)
+    config = Config.from_yaml(*split_config_arg(argv))  # before torch is imported: a config error is instant
     from llm_rl.training.pipeline import run_ppo
 
-    config = Config.from_yaml(config_path, argv)
     run_ppo(config)
     return 0
 
 
 def demo_main(argv: list[str]) -> int:
-    from llm_rl.demos.addition import DemoOptions, run_demo
+    from llm_rl.demos.options import DemoOptions, demo_config
 
     parser = argparse.ArgumentParser(
         prog="llm-rl demo",
@@ -62,12 +61,15 @@ def demo_main(argv: list[str]) -> int:
     options = DemoOptions(output_dir=args.output_dir, seed=args.seed, warm_start_steps=args.warm_start_steps,
                           warm_start_accuracy=args.warm_start_accuracy,
                           max_updates=args.max_updates, overwrite=args.overwrite, prepare_only=args.prepare_only)
+    demo_config(options, overrides)  # a mistake in the overrides is reported before torch is imported
+    from llm_rl.demos.addition import run_demo
+
     run_demo(options, overrides)
     return 0
 
 
 def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    from llm_rl.demos.dialogue import DialogueOptions, run_dialogue_demo
+    from llm_rl.demos.options import DialogueOptions
 
     defaults = DialogueOptions()
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -78,6 +80,8 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     parser.add_argument("--prepare_only", action="store_true", help="only build the warm-started model and rows")
     parser.add_argument("--num_heldout", type=int, default=defaults.num_heldout, help="held-out bug reports (<= 20)")
     args = parser.parse_args(argv)
+    from llm_rl.demos.dialogue import run_dialogue_demo
+
     run_dialogue_demo(DialogueOptions(output_dir=args.output_dir, seed=args.seed, max_updates=args.max_updates,
                                       warm_start_steps=args.warm_start_steps, overwrite=args.overwrite,
                                       prepare_only=args.prepare_only, num_heldout=args.num_heldout))
@@ -87,11 +91,9 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 def reward_main(argv: list[str]) -> int:
     """`llm-rl reward train --config FILE.yaml ...` or `llm-rl reward score --model PATH --input FILE.jsonl ...`."""
     if argv and argv[0] == "train":
-        from llm_rl.training.reward_trainer import main as train_main
-
-        return train_main(argv[1:])
+        return reward_train_main(argv[1:])
     if argv and argv[0] == "score":
-        from llm_rl.rewards.score_files import main as score_main
+        from llm_rl.rewards.score_files import main as score_main  # torch is imported after its arguments parse
 
         return score_main(argv[1:])
     print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n"
@@ -99,6 +101,21 @@ def reward_main(argv: list[str]) -> int:
           "(--input FILE.jsonl | --dataset NAME) --output OUT.jsonl [...]\n"
           "add --help after train or score for their options")
     return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+def reward_train_main(argv: list[str]) -> int:
+    """`llm-rl reward train`: help and the config read before torch is imported (both answer at once)."""
+    from llm_rl.config.reward_training import RewardTrainingConfig
+    from llm_rl.config.reward_training import format_help as reward_help
+
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n\nkeys:\n" + reward_help())
+        return 0
+    config = RewardTrainingConfig.from_yaml(*split_config_arg(argv))
+    from llm_rl.training.reward_trainer import train_reward_model
+
+    train_reward_model(config)
+    return 0
 
 
 COMMANDS = {"ppo": ppo_main, "demo": demo_main, "reward": reward_main}
@@ -124,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_line_error(error: Exception) -> str:
-    """'<kind> error: message' on one line. OSError is how transformers, datasets and the Hub client
+    """'<kind> error: message' on one line (a line per problem after the first when it lists several). OSError is how transformers, datasets and the Hub client
     report a model or dataset they cannot find or read: the user's path or id, not a bug here."""
     label = getattr(error, "label", "error")
-    text = " ".join(str(error).split()) or type(error).__name__
+    # one line per problem when the error lists several (a config with several bad keys)
+    text = "\n  ".join(" ".join(line.split()) for line in str(error).splitlines() if line.strip())
+    text = text or type(error).__name__
     hint = "" if isinstance(error, ConfigError) else " (--debug or LLM_RL_DEBUG=1 shows the traceback)"
     return f"{label}: {text}{hint}"
 

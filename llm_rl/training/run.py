@@ -80,11 +80,8 @@ class TrainingRun:
         if spec is None:
             return None
         path = checkpoint.resolve_checkpoint(spec, self.output_dir)
-        if path is None and run_dir.completed_work(self.output_dir) and not self.options.overwrite_output_dir:
-            raise ConfigError(
-                f"resume_from_checkpoint: latest found no checkpoint in {self.output_dir}, which holds a run "
-                "without one; set overwrite_output_dir: true to start over, or choose another output_dir"
-            )
+        if path is None:
+            run_dir.check_reuse(self.output_dir, self.options.overwrite_output_dir, spec)
         return path
 
     def prepare_training(self, model, optim, total_steps: int, *others, trainable_only: bool = False) -> list:
