@@ -28,6 +28,7 @@ from llm_rl.sampling.rollout import logprobs_and_values
 from llm_rl.tasks import arithmetic
 from llm_rl.training import output_dir as run_dir
 from llm_rl.training.callbacks import Evaluate
+from llm_rl.training.run import new_accelerator
 
 
 def build_warm_start(train: Sequence[arithmetic.Problem], max_steps: int, seed: int, folder: Path,
@@ -68,8 +69,6 @@ def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
 
 
 def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dict:
-    from accelerate import Accelerator
-
     from llm_rl.data.prompts import load_prompts
     from llm_rl.models.loading import load_policy, load_tokenizer
     from llm_rl.rewards.loading import load_rewards
@@ -79,7 +78,7 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     start = time.perf_counter()
     out_dir = Path(options.output_dir)
     config = demo_config(options, overrides)
-    accelerator = Accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)
+    accelerator = new_accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)
     warm_dir = Path(config.model.model_name_or_path)
     resuming = config.train.resume_from_checkpoint is not None and (warm_dir / "config.json").is_file()
 
