@@ -71,6 +71,10 @@ ALIASES: dict[str, tuple[str, str]] = {
     "lora_rank": ("lora_r", ""),
     "target_modules": ("lora_target_modules", ""),
     "stop_token_id": ("stop_token", "give the token's text"),
+    "mask_truncated_completions": ("missing_eos_penalty",
+                                   "TRL leaves completions cut at max_completion_length (no EOS) out of the loss; "
+                                   "llm_rl has no such switch: they stay in the loss, and missing_eos_penalty lowers "
+                                   "their score instead"),
     "save_path": ("output_dir", ""),
     "ckpt_path": ("output_dir", "checkpoints go to OUTPUT_DIR/checkpoint-N"),
     "load_checkpoint": ("resume_from_checkpoint", "'latest' or a checkpoint-N folder"),

@@ -64,6 +64,8 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
                 raise ValueError
             (item_type,) = typing.get_args(field_type) or (None,)
             return [coerce(v, item_type, key, source) for v in value] if item_type else list(value)
+    except ConfigError:  # an item's own message (e.g. the allowed values) says more than "expects list"
+        raise
     except (TypeError, ValueError):
         pass
     else:

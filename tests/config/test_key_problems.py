@@ -87,3 +87,19 @@ def test_good_keys_beside_bad_ones_do_not_hide_them(tmp_path):
         config.set_values({"learning_rate": 1e-5, "bogus": 1, "ppo": {"bogus2": 2, "clip_range": 0.1}}, "test")
     assert "2 unknown keys in test:" in str(caught.value)
     assert config.ppo.learning_rate == 1e-5 and config.ppo.clip_range == 0.1
+
+
+def test_a_bad_item_of_a_list_names_the_allowed_values():
+    with pytest.raises(ConfigError) as caught:
+        Config.from_yaml(None, ["--eval_decoding", "greedy,beam"])
+    assert str(caught.value) == "command line: 'eval_decoding' is one of greedy, sampled; got 'beam'"
+
+
+def test_trls_mask_truncated_completions_is_not_sent_to_an_unrelated_key():
+    """TRL drops truncated completions from the loss; llm_rl has no such switch (truncate_prompts, the
+    closest spelling, is about prompts)."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_yaml(None, ["--mask_truncated_completions", "true"])
+    message = str(caught.value)
+    assert "truncate_prompts" not in message
+    assert "Did you mean missing_eos_penalty?" in message and "out of the loss" in message
