@@ -16,6 +16,7 @@ They run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -32,7 +33,8 @@ def ppo_main(argv: list[str]) -> int:
     config = Config.from_yaml(*split_config_arg(argv))  # before torch is imported: a config error is instant
     from llm_rl.training.pipeline import run_ppo
 
-    run_ppo(config)
+    with resume_hint_on_interrupt(config.train.output_dir):
+        run_ppo(config)
     return 0
 
 
@@ -114,8 +116,30 @@ def reward_train_main(argv: list[str]) -> int:
     config = RewardTrainingConfig.from_yaml(*split_config_arg(argv))
     from llm_rl.training.reward_trainer import train_reward_model
 
-    train_reward_model(config)
+    with resume_hint_on_interrupt(config.output_dir):
+        train_reward_model(config)
     return 0
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says where its last checkpoint is and how to resume."""
+
+
+@contextlib.contextmanager
+def resume_hint_on_interrupt(output_dir: str):
+    """Turn Ctrl-C inside a run into `Interrupted` naming the latest checkpoint in `output_dir`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from llm_rl.training.checkpoint import list_checkpoints
+
+        found = list_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+        if found:
+            hint = (f"the last checkpoint is {found[-1]}; resume with the same command and "
+                    "--resume_from_checkpoint latest")
+        else:
+            hint = f"no checkpoint in {output_dir} yet (save_steps sets how often one is written)"
+        raise Interrupted(f"interrupted; {hint}") from None
 
 
 COMMANDS = {"ppo": ppo_main, "demo": demo_main, "reward": reward_main}
@@ -138,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llm-rl: {one_line_error(e)}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C: one line (on the main process), no traceback
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"llm-rl: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 def one_line_error(error: Exception) -> str:

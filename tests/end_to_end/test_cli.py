@@ -198,3 +198,46 @@ def test_an_output_folder_holding_a_run_is_refused_before_the_model_is_looked_at
     assert line.startswith(f"llm-rl: config error: {out} already holds a run (checkpoint-3)"), explain(result)
     assert "/nonexistent/model" not in result.stderr
     assert "architectures: []" in result.stdout  # no model class was even imported
+
+
+def test_an_environment_exception_is_one_line_naming_the_class_and_method(tmp_path, tiny_model_dir):
+    env_file = tmp_path / "my_env.py"
+    env_file.write_text(textwrap.dedent("""
+        class Support:
+            def reset(self, row):
+                return row["prompt"]
+
+            def step(self, response):
+                return None, {"score": 1}["reward"], True
+    """))
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"{a}+1="} for a in range(4)])
+    proc = run_cli(["ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
+                    "--environment", f"{env_file}:Support", "--batch_size", "2", "--max_new_tokens", "2",
+                    "--max_updates", "1", "--output_dir", str(tmp_path / "out"), "--progress_bar", "false"], tmp_path)
+    assert proc.returncode == 2, explain(proc)
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("llm-rl: environment error: Support.step raised KeyError: 'reward' for the reply "), line
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_exits_130(ppo_yaml, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "llm_rl.cli", "ppo", "--config", str(ppo_yaml), "--max_updates", "10000",
+               "--save_steps", "1", "--output_dir", str(out)]
+    proc = subprocess.Popen(command, cwd=REPO, env=offline_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    latest = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert line == (f"llm-rl: interrupted; the last checkpoint is {latest}; resume with the same command and "
+                    "--resume_from_checkpoint latest"), line
