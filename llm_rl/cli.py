@@ -16,6 +16,7 @@ They run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -29,16 +30,16 @@ def ppo_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: llm-rl ppo --config FILE.yaml [--key value ...]\n\nkeys:" + format_help())
         return 0
-    config_path, argv = split_config_arg(argv)
+    config = Config.from_yaml(*split_config_arg(argv))  # before torch is imported: a config error is instant
     from llm_rl.training.pipeline import run_ppo
 
-    config = Config.from_yaml(config_path, argv)
-    run_ppo(config)
+    with resume_hint_on_interrupt(config.train.output_dir):
+        run_ppo(config)
     return 0
 
 
 def demo_main(argv: list[str]) -> int:
-    from llm_rl.demos.addition import DemoOptions, run_demo
+    from llm_rl.demos.options import DemoOptions, demo_config
 
     parser = argparse.ArgumentParser(
         prog="llm-rl demo",
@@ -62,12 +63,15 @@ def demo_main(argv: list[str]) -> int:
     options = DemoOptions(output_dir=args.output_dir, seed=args.seed, warm_start_steps=args.warm_start_steps,
                           warm_start_accuracy=args.warm_start_accuracy,
                           max_updates=args.max_updates, overwrite=args.overwrite, prepare_only=args.prepare_only)
+    demo_config(options, overrides)  # a mistake in the overrides is reported before torch is imported
+    from llm_rl.demos.addition import run_demo
+
     run_demo(options, overrides)
     return 0
 
 
 def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    from llm_rl.demos.dialogue import DialogueOptions, run_dialogue_demo
+    from llm_rl.demos.options import DialogueOptions
 
     defaults = DialogueOptions()
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -78,6 +82,8 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     parser.add_argument("--prepare_only", action="store_true", help="only build the warm-started model and rows")
     parser.add_argument("--num_heldout", type=int, default=defaults.num_heldout, help="held-out bug reports (<= 20)")
     args = parser.parse_args(argv)
+    from llm_rl.demos.dialogue import run_dialogue_demo
+
     run_dialogue_demo(DialogueOptions(output_dir=args.output_dir, seed=args.seed, max_updates=args.max_updates,
                                       warm_start_steps=args.warm_start_steps, overwrite=args.overwrite,
                                       prepare_only=args.prepare_only, num_heldout=args.num_heldout))
@@ -87,11 +93,9 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 def reward_main(argv: list[str]) -> int:
     """`llm-rl reward train --config FILE.yaml ...` or `llm-rl reward score --model PATH --input FILE.jsonl ...`."""
     if argv and argv[0] == "train":
-        from llm_rl.training.reward_trainer import main as train_main
-
-        return train_main(argv[1:])
+        return reward_train_main(argv[1:])
     if argv and argv[0] == "score":
-        from llm_rl.rewards.score_files import main as score_main
+        from llm_rl.rewards.score_files import main as score_main  # torch is imported after its arguments parse
 
         return score_main(argv[1:])
     print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n"
@@ -99,6 +103,43 @@ def reward_main(argv: list[str]) -> int:
           "(--input FILE.jsonl | --dataset NAME) --output OUT.jsonl [...]\n"
           "add --help after train or score for their options")
     return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+def reward_train_main(argv: list[str]) -> int:
+    """`llm-rl reward train`: help and the config read before torch is imported (both answer at once)."""
+    from llm_rl.config.reward_training import RewardTrainingConfig
+    from llm_rl.config.reward_training import format_help as reward_help
+
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n\nkeys:\n" + reward_help())
+        return 0
+    config = RewardTrainingConfig.from_yaml(*split_config_arg(argv))
+    from llm_rl.training.reward_trainer import train_reward_model
+
+    with resume_hint_on_interrupt(config.output_dir):
+        train_reward_model(config)
+    return 0
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says where its last checkpoint is and how to resume."""
+
+
+@contextlib.contextmanager
+def resume_hint_on_interrupt(output_dir: str):
+    """Turn Ctrl-C inside a run into `Interrupted` naming the latest checkpoint in `output_dir`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from llm_rl.training.checkpoint import list_checkpoints
+
+        found = list_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+        if found:
+            hint = (f"the last checkpoint is {found[-1]}; resume with the same command and "
+                    "--resume_from_checkpoint latest")
+        else:
+            hint = f"no checkpoint in {output_dir} yet (save_steps sets how often one is written)"
+        raise Interrupted(f"interrupted; {hint}") from None
 
 
 COMMANDS = {"ppo": ppo_main, "demo": demo_main, "reward": reward_main}
@@ -121,13 +162,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llm-rl: {one_line_error(e)}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C: one line (on the main process), no traceback
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"llm-rl: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 def one_line_error(error: Exception) -> str:
-    """'<kind> error: message' on one line. OSError is how transformers, datasets and the Hub client
+    """'<kind> error: message' on one line (a line per problem after the first when it lists several). OSError is how transformers, datasets and the Hub client
     report a model or dataset they cannot find or read: the user's path or id, not a bug here."""
     label = getattr(error, "label", "error")
-    text = " ".join(str(error).split()) or type(error).__name__
+    # one line per problem when the error lists several (a config with several bad keys)
+    text = "\n  ".join(" ".join(line.split()) for line in str(error).splitlines() if line.strip())
+    text = text or type(error).__name__
     hint = "" if isinstance(error, ConfigError) else " (--debug or LLM_RL_DEBUG=1 shows the traceback)"
     return f"{label}: {text}{hint}"
 

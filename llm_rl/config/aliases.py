@@ -71,6 +71,10 @@ ALIASES: dict[str, tuple[str, str]] = {
     "lora_rank": ("lora_r", ""),
     "target_modules": ("lora_target_modules", ""),
     "stop_token_id": ("stop_token", "give the token's text"),
+    "mask_truncated_completions": ("missing_eos_penalty",
+                                   "TRL leaves completions cut at max_completion_length (no EOS) out of the loss; "
+                                   "llm_rl has no such switch: they stay in the loss, and missing_eos_penalty lowers "
+                                   "their score instead"),
     "save_path": ("output_dir", ""),
     "ckpt_path": ("output_dir", "checkpoints go to OUTPUT_DIR/checkpoint-N"),
     "load_checkpoint": ("resume_from_checkpoint", "'latest' or a checkpoint-N folder"),
@@ -85,23 +89,29 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 
 
-def alias_hint(key: str, candidates: list[str], aliases: dict[str, tuple[str, str]]) -> Optional[str]:
-    """' Did you mean X? (note)' for a TRL/OpenRLHF name whose counterpart is among `candidates`."""
+def alias_hint(key: str, candidates: list[str], aliases: dict[str, tuple[str, str]],
+               sections: Optional[dict[str, str]] = None) -> Optional[str]:
+    """' Did you mean X? (note)' for a TRL/OpenRLHF name whose counterpart is among `candidates`, or
+    (`sections`: every key's section) stands in another section."""
     target, note = aliases.get(key, (None, ""))
-    if target not in candidates:
-        return None
-    return f" Did you mean {target}?{f' Note: {note}.' if note else ''}"
+    note = f" Note: {note}." if note else ""
+    if target in candidates:
+        return f" Did you mean {target}?{note}"
+    if sections and target in sections:
+        return f" Did you mean {target} (in section '{sections[target]}')?{note}"
+    return None
 
 
 def unknown_key_message(
     key: str, source: str, candidates: list[str], section: Optional[str] = None,
     help_command: str = "llm-rl ppo --help", aliases: Optional[dict[str, tuple[str, str]]] = None,
+    sections: Optional[dict[str, str]] = None,
 ) -> str:
     """'unknown key' naming the key meant (TRL/OpenRLHF names, `aliases`), or the closest of the valid
-    keys `candidates` (those of `section` when one was given)."""
+    keys `candidates` (those of `section` when one was given; `sections` maps every key to its section)."""
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     where = f" in section '{section}'" if section else ""
-    hint = alias_hint(key, candidates, ALIASES if aliases is None else aliases)
+    hint = alias_hint(key, candidates, ALIASES if aliases is None else aliases, sections)
     if hint is None:
         hint = f" Did you mean: {', '.join(close)}?" if close else f" Run `{help_command}` for the list of keys."
     return f"{source}: unknown key '{key}'{where}.{hint}"

@@ -64,6 +64,8 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
                 raise ValueError
             (item_type,) = typing.get_args(field_type) or (None,)
             return [coerce(v, item_type, key, source) for v in value] if item_type else list(value)
+    except ConfigError:  # an item's own message (e.g. the allowed values) says more than "expects list"
+        raise
     except (TypeError, ValueError):
         pass
     else:
@@ -74,14 +76,60 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
 
 def fill_from_yaml(config, path: Optional[str | Path], overrides: Optional[list[str]], field_types: dict[str, Any]):
     """Update `config` (any config with set_values/validate) from a YAML file, then `--key value` overrides
-    (`field_types`: every key's type); validate."""
+    (`field_types`: every key's type); validate. Every bad key of the file and the command line is
+    reported in one ConfigError (`KeyProblems`), so one run lists all there is to fix."""
+    problems = []
+    sources = []
     if path is not None:
-        config.set_values(load_yaml(path), source=str(path))
+        problems += collect_key_problems(config.set_values, load_yaml(path), str(path))
+        sources.append(str(path))
     if overrides:
         bools = frozenset(k for k, t in field_types.items() if t is bool)
-        config.set_values(parse_overrides(overrides, bools), source="command line")
+        problems += collect_key_problems(config.set_values, parse_overrides(overrides, bools), "command line")
+        sources.append("the command line")
+    if problems:
+        raise KeyProblems(problems, " and ".join(sources))
     config.validate()
     return config
+
+
+class KeyProblems(ConfigError):
+    """Several keys of a config to fix at once (unknown, misplaced or of the wrong type): one line each."""
+
+    def __init__(self, problems: list[ConfigError], where: str):
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(str(problems[0]))
+            return
+        kind = "unknown keys" if all(isinstance(p, UnknownKey) for p in problems) else "keys to fix"
+        super().__init__("\n".join([f"{len(problems)} {kind} in {where}:", *(f"  {p}" for p in problems)]))
+
+
+class UnknownKey(ConfigError):
+    """A key the config does not have (or not in the section it stands in); the message gives the key meant."""
+
+
+def set_each(values: dict, source: str, set_one) -> None:
+    """`set_one(key, value)` for every item; the ConfigErrors of all keys raised together as KeyProblems."""
+    problems = []
+    for key, value in (values or {}).items():
+        try:
+            set_one(key, value)
+        except KeyProblems as e:
+            problems += e.problems
+        except ConfigError as e:
+            problems.append(e)
+    if problems:
+        raise KeyProblems(problems, source)
+
+
+def collect_key_problems(set_values, values: dict, source: str) -> list[ConfigError]:
+    """The ConfigErrors of `set_values(values, source)` (empty when every key was set)."""
+    try:
+        set_values(values, source)
+    except KeyProblems as e:
+        return e.problems
+    return []
 
 
 def load_yaml(path: str | Path) -> dict:

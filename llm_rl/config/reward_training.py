@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 from llm_rl.config.aliases import ALIASES, unknown_key_message
-from llm_rl.config.errors import ConfigError
 from llm_rl.config.groups import (
     CheckpointOptions,
     DatasetSource,
@@ -28,7 +27,7 @@ from llm_rl.config.groups import (
     Tune,
     retune,
 )
-from llm_rl.config.loading import coerce, fill_from_yaml, option_lines, write_yaml
+from llm_rl.config.loading import UnknownKey, coerce, fill_from_yaml, option_lines, set_each, write_yaml
 from llm_rl.config.paths import check_report_to
 from llm_rl.config.rules import REWARD_TRAINING_RULES, check
 
@@ -118,14 +117,18 @@ class RewardTrainingConfig(HubOptions, LoraOptions, RunOptions, OptimizerOptions
         return fill_from_yaml(cls(), path, overrides, typing.get_type_hints(cls))
 
     def set_values(self, values: dict, source: str = "config") -> None:
+        """Set flat keys; the unknown or mistyped ones raise one ConfigError listing them all."""
         hints = typing.get_type_hints(type(self))
-        for key, value in (values or {}).items():
+
+        def set_one(key: str, value) -> None:
             if key not in hints:
-                raise ConfigError(
+                raise UnknownKey(
                     unknown_key_message(key, source, list(hints), help_command="llm-rl reward train --help",
                                         aliases=REWARD_ALIASES)
                 )
             setattr(self, key, coerce(value, hints[key], key, source))
+
+        set_each(values, source, set_one)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,7 +36,7 @@ from llm_rl.config.groups import (
     OptimizerOptions,
     RunOptions,
 )
-from llm_rl.config.loading import coerce, fill_from_yaml, option_lines, write_yaml
+from llm_rl.config.loading import UnknownKey, coerce, fill_from_yaml, option_lines, set_each, write_yaml
 from llm_rl.config.paths import check_report_to, missing_local_path
 from llm_rl.config.rules import PPO_REWARD_RULES, PPO_RULES, check
 from llm_rl.config.variants import (
@@ -321,19 +321,24 @@ class Config:
         return fill_from_yaml(cls(), path, overrides, FIELD_TYPES)
 
     def set_values(self, values: dict, source: str = "config") -> None:
-        """Set fields from a flat or section-grouped dict; unknown keys raise ConfigError."""
-        for key, value in (values or {}).items():
+        """Set fields from a flat or section-grouped dict; the unknown, misplaced or mistyped keys
+        raise one ConfigError (llm_rl.config.loading.KeyProblems) listing them all."""
+        def set_one(key: str, value: Any) -> None:
             if key in SECTIONS and isinstance(value, dict):
-                for sub_key, sub_value in value.items():
-                    self._set(sub_key, sub_value, source, section=key)
+                set_each(value, source, lambda sub_key, sub_value: self._set(sub_key, sub_value, source, key))
             else:
                 self._set(key, value, source)
 
+        set_each(values, source, set_one)
+
     def _set(self, key: str, value: Any, source: str, section: Optional[str] = None) -> None:
         owner = FIELD_OWNER.get(key)
-        if owner is None or (section is not None and owner != section):
+        if owner is not None and section is not None and owner != section:
+            raise UnknownKey(f"{source}: '{key}' belongs in section '{owner}', not '{section}' (or write it "
+                             "flat, at the top level)")
+        if owner is None:
             candidates = [k for k, s in FIELD_OWNER.items() if section is None or s == section]
-            raise ConfigError(unknown_key_message(key, source, candidates, section))
+            raise UnknownKey(unknown_key_message(key, source, candidates, section, sections=FIELD_OWNER))
         field_type = FIELD_TYPES[key]
         setattr(getattr(self, owner), key, coerce(value, field_type, key, source))
 

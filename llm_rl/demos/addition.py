@@ -13,7 +13,6 @@ import contextlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,28 +20,15 @@ import torch
 from accelerate.utils import set_seed
 
 from llm_rl.algorithms.kl import kl_penalty
-from llm_rl.config.sections import Config
+from llm_rl.config.errors import ConfigError
 from llm_rl.config.variants import default_kl_estimator
+from llm_rl.demos.options import DEMO_CONFIG, DemoOptions, demo_config  # noqa: F401 (DEMO_CONFIG: public here)
 from llm_rl.models.value_head import CausalLMWithValueHead
 from llm_rl.sampling.rollout import logprobs_and_values
 from llm_rl.tasks import arithmetic
 from llm_rl.training import output_dir as run_dir
 from llm_rl.training.callbacks import Evaluate
-
-DEMO_CONFIG = Path(__file__).parents[1] / "tasks" / "addition_ppo.yaml"
-
-
-@dataclass
-class DemoOptions:
-    output_dir: str = "outputs/demo"
-    seed: int = 0
-    warm_start_steps: int = 1500  # at most; stops once it reaches warm_start_accuracy
-    warm_start_accuracy: float = 0.45  # greedy exact match on training problems that ends the warm start
-    max_updates: Optional[int] = None  # default from the YAML recipe
-    num_digits: int = 2
-    num_heldout: int = 500
-    overwrite: bool = False
-    prepare_only: bool = False  # build the warm start and data, then stop (for recipes/configs/addition.yaml)
+from llm_rl.training.run import new_accelerator
 
 
 def build_warm_start(train: Sequence[arithmetic.Problem], max_steps: int, seed: int, folder: Path,
@@ -83,8 +69,6 @@ def evaluate(policy: CausalLMWithValueHead, reference, tokenizer,
 
 
 def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dict:
-    from accelerate import Accelerator
-
     from llm_rl.data.prompts import load_prompts
     from llm_rl.models.loading import load_policy, load_tokenizer
     from llm_rl.rewards.loading import load_rewards
@@ -94,7 +78,7 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     start = time.perf_counter()
     out_dir = Path(options.output_dir)
     config = demo_config(options, overrides)
-    accelerator = Accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)
+    accelerator = new_accelerator(gradient_accumulation_steps=config.ppo.gradient_accumulation_steps)
     warm_dir = Path(config.model.model_name_or_path)
     resuming = config.train.resume_from_checkpoint is not None and (warm_dir / "config.json").is_file()
 
@@ -144,24 +128,11 @@ def run_demo(options: DemoOptions, overrides: Optional[list[str]] = None) -> dic
     return summary
 
 
-def demo_config(options: DemoOptions, overrides: Optional[list[str]]) -> Config:
-    """llm_rl/tasks/addition_ppo.yaml with the command line's overrides, pointed at the demo's folders."""
-    out_dir = Path(options.output_dir)
-    config = Config.from_yaml(DEMO_CONFIG, overrides)
-    config.set_values({"model_name_or_path": str(out_dir / "warm_start"),
-                   "dataset_name": str(out_dir / "data" / "train.jsonl"), "seed": options.seed,
-                   "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite})
-    if options.max_updates is not None:
-        config.set_values({"max_updates": options.max_updates})
-    config.validate()
-    return config
-
-
 def warm_start(options: DemoOptions, train: Sequence[arithmetic.Problem], out_dir: Path, data_file: Path) -> None:
     """Main process: the supervised warm start saved to OUTPUT_DIR/warm_start, and the training prompts."""
     if run_dir.completed_work(out_dir) and not options.overwrite:
-        raise SystemExit(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
-                         "or another --output_dir")
+        raise ConfigError(f"{out_dir} already holds a run; pass --resume_from_checkpoint latest, --overwrite, "
+                          "or another --output_dir")
     print(f"[demo] warm start: supervised steps on {options.num_digits}-digit addition until "
           f"{options.warm_start_accuracy:.0%} exact match on training problems (at most {options.warm_start_steps})")
     losses = build_warm_start(train, options.warm_start_steps, options.seed, out_dir / "warm_start",

@@ -13,30 +13,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
 
 from llm_rl.config.sections import Config
+from llm_rl.demos.options import DIALOGUE_CONFIG, DialogueOptions
 from llm_rl.tasks import arithmetic, dialogue
 from llm_rl.training.callbacks import Evaluate
 
 GAMMAS = (0.9, 0.0)
-DIALOGUE_CONFIG = Path(__file__).parents[1] / "tasks" / "dialogue_ppo.yaml"
-
-
-@dataclass
-class DialogueOptions:
-    output_dir: str = "outputs/demo_dialogue"
-    seed: int = 0
-    max_updates: Optional[int] = None  # default from the YAML recipe (80)
-    warm_start_steps: int = 300
-    overwrite: bool = False
-    prepare_only: bool = False  # build the warm start and the rows, then stop (for recipes/configs/dialogue.yaml)
-    num_heldout: int = 20  # held-out bug reports evaluated (at most 20)
 
 
 def ppo_config(options: DialogueOptions, gamma: float, warm_dir: Path, data_file: Path, out_dir: Path) -> Config:

@@ -225,18 +225,19 @@ class CausalLMWithValueHead(nn.Module):
         position_ids = position_ids_from_mask(attention_mask)
         # gradient checkpointing turns transformers' cache off in training, which would drop the shared part
         checkpointing = lm.training and activation_checkpointing(lm)
-        if group_size > 1 and response_start > 1 and self.shares_prompts and not checkpointing:
+        share = group_size > 1 and response_start > 1 and self.shares_prompts and not checkpointing
+        if share:
             shared = response_start - 1
-            kwargs["past_key_values"] = shared_prompt_cache(
+            kwargs.update(cache_argument(lm, shared_prompt_cache(
                 self.pretrained_model, input_ids[:, :shared], attention_mask[:, :shared], group_size
-            )
+            )))
             input_ids, position_ids = input_ids[:, shared:], position_ids[:, shared:]
         with reading_lm_head_input(lm, enabled=self.v_head is not None, skip_head=skip_head) as head_input:
             logits = self.pretrained_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                use_cache="past_key_values" in kwargs,
+                use_cache=share,
                 **kwargs,
             ).logits
         # position t predicts token t+1: keep the positions that predict the response.
@@ -337,8 +338,8 @@ def shared_prompt_cache(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask:
     lm = unwrap_transformers_model(model)
     cache = DynamicCache(config=lm.config)
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
-    model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), past_key_values=cache,
-          use_cache=True, **kwargs)
+    model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+          **cache_argument(lm, cache), **kwargs)
     cache.batch_repeat_interleave(group_size)
     return cache
 
@@ -359,6 +360,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         lm.activation_checkpointing_enable()
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def cache_argument(lm: nn.Module, cache) -> dict:
+    """{name: cache} for the model's forward and `generate`: transformers renamed `past_key_values` to
+    `cache` (5.2x; the old name warns until 5.40), and the installed version decides which one it reads."""
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def accepts_logits_to_keep(lm: nn.Module) -> bool:

@@ -24,12 +24,10 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from llm_rl.rewards.functions import RewardError, RewardFn, compute_rewards, load_reward_function
-from llm_rl.rewards.model import RewardModel
+if TYPE_CHECKING:  # torch and the reward model are imported once the arguments parse: `--help` answers at once
+    from llm_rl.rewards.functions import RewardFn
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MAX_SKIP_MESSAGES = 10
@@ -152,6 +150,8 @@ def score_records(
     The reward gets (prompts, completions, **columns) like in PPO; `columns` are the other
     fields that every row of the batch has (e.g. a reference answer).
     """
+    from llm_rl.rewards.functions import RewardError, compute_rewards
+
     for batch in batched(records, batch_size):
         rows = [record.row for record in batch]
         shared = set(rows[0]).intersection(*rows[1:]) - {prompt_column, completion_column, score_column}
@@ -279,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Score everything `args` names; returns the summary dict."""
+    import torch
     from tqdm.auto import tqdm
+
+    from llm_rl.rewards.functions import load_reward_function
+    from llm_rl.rewards.model import RewardModel
 
     if args.batch_size < 1:
         raise ScoreInputError("--batch_size must be >= 1")
@@ -331,6 +335,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from llm_rl.rewards.functions import RewardError
+
     try:
         run(args)
     except (ScoreInputError, RewardError) as e:

@@ -121,10 +121,27 @@ class _Conversation:
         return self.tokenizer(leftover + after[len(with_reply):], add_special_tokens=False).input_ids
 
 
+def call_environment(environment, method: str, *args):
+    """`environment.<method>(*args)` (or, for "__init__", the class `environment` called): an exception
+    raised by the user's code becomes one EpisodeError line naming the class and the method (--debug
+    shows its traceback, which is the error's cause)."""
+    is_class = method == "__init__"
+    name = environment.__name__ if is_class else type(environment).__name__
+    try:
+        return environment(*args) if is_class else getattr(environment, method)(*args)
+    except UserError:
+        raise
+    except Exception as e:  # the user's code: any exception is theirs to fix
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        where = f"{name}()" if is_class else f"{name}.{method}"
+        argument = f" for the reply {args[0][:80]!r}" if method == "step" else ""
+        raise EpisodeError(f"{where} raised {detail}{argument}") from e
+
+
 def checked_step(environment, response: str) -> tuple[Optional[Observation], float, bool]:
     """environment.step(response), with its output checked: a clear error instead of a NaN in the loss."""
     name = type(environment).__name__
-    out = environment.step(response)
+    out = call_environment(environment, "step", response)
     if not (isinstance(out, tuple) and len(out) == 3):
         raise EpisodeError(f"{name}.step must return (observation or None, reward, done), got {out!r}")
     observation, reward, done = out
@@ -154,7 +171,7 @@ def run_episodes(
 ) -> Episodes:
     """Play one episode per environment, all turns of all episodes batched: each turn, the episodes
     still running generate together (KV cache within the turn), then each environment answers."""
-    episodes = [_Conversation(tokenizer, env.reset(row)) for env, row in zip(environments, rows)]
+    episodes = [_Conversation(tokenizer, call_environment(env, "reset", row)) for env, row in zip(environments, rows)]
     for env, ep in zip(environments, episodes):
         if max_prompt_length is not None and len(ep.prompt) > max_prompt_length:
             raise EpisodeError(
@@ -228,7 +245,7 @@ class EpisodeSampler:
     def sample(self, batch: dict) -> Rollout:
         rows = repeat_rows(batch["rows"], self.num_generations)
         with generating(self.model, self.accelerator) as lm:
-            episodes = run_episodes(lm, self.tokenizer, [self.environment_class() for _ in rows], rows, self.settings,
+            episodes = run_episodes(lm, self.tokenizer, [call_environment(self.environment_class, "__init__") for _ in rows], rows, self.settings,
                                     device=self.accelerator.device, **self.limits)
         return Rollout(
             episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.action_mask, episodes.ended,

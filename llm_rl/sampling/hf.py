@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from llm_rl.models.value_head import can_share_prompts, eval_mode, gathered_for_generation, shared_prompt_cache
+from llm_rl.models.value_head import cache_argument, can_share_prompts, eval_mode, gathered_for_generation, shared_prompt_cache
 from llm_rl.sampling.rollout import Rollout, decode_responses, truncate_after_stop
 from llm_rl.sampling.sampler import SamplingSettings
 
@@ -99,7 +99,7 @@ def generate_responses(
         for start in range(0, prompt_ids.shape[0], chunk):
             ids, mask = prompt_ids[start : start + chunk], prompt_mask[start : start + chunk]
             # every prompt token but the last, once per group: generate runs the last one and onwards
-            cache = {"past_key_values": shared_prompt_cache(lm, ids[:, :-1], mask[:, :-1], group_size)} if share else {}
+            cache = cache_argument(lm, shared_prompt_cache(lm, ids[:, :-1], mask[:, :-1], group_size)) if share else {}
             out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache)
             response = out[:, ids.shape[1] :]
             # generate stops when every row is done, so chunks can differ in length

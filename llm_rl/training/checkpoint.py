@@ -139,15 +139,19 @@ def save_trainable_only(accelerator, model: torch.nn.Module) -> None:
 
 
 def unreadable_file(path: Path) -> Optional[tuple[Path, str]]:
-    """The first file of checkpoint `path` that does not load, with the reason; None if all load."""
+    """The first file of checkpoint `path` that does not load, with the reason; None if all load.
+    trainer_state.json first (ours, and the last written); accelerate's files as accelerate reads them
+    (its `load` allows the numpy types of random_states_<rank>.pkl, which plain weights_only refuses)."""
+    from accelerate.utils.other import load as accelerate_load
     from safetensors.torch import load_file
 
-    for file in sorted(Path(path).iterdir()):
+    files = sorted(Path(path).iterdir(), key=lambda f: (f.name != STATE_FILE, f.name))
+    for file in files:
         try:
             if file.suffix == ".safetensors":
                 load_file(str(file))
             elif file.suffix in (".bin", ".pkl", ".pt"):
-                torch.load(file, map_location="cpu", weights_only=True)
+                accelerate_load(file, map_location="cpu")
             elif file.suffix == ".json":
                 json.loads(file.read_text())
         except Exception as e:  # any failure to parse is the answer here
@@ -156,17 +160,19 @@ def unreadable_file(path: Path) -> Optional[tuple[Path, str]]:
 
 
 def load_error(path: Path, error: Exception) -> Exception:
-    """A CheckpointError naming the bad file of `path` and the previous checkpoint to resume from
-    instead; `error` itself when every file loads (the problem is elsewhere)."""
+    """A CheckpointError naming the bad file of `path`, the checkpoints there are and the one to resume
+    from instead; `error` itself when every file loads (the problem is elsewhere)."""
     bad = unreadable_file(path)
     if bad is None:
         return error
     file, reason = bad
     path = Path(path)
-    earlier = [p for p in list_checkpoints(path.parent) if update_of(p) < update_of(path)]
+    others = [p for p in list_checkpoints(path.parent) if p != path]
+    earlier = [p for p in others if update_of(p) < update_of(path)]
     offer = (f"resume from the previous checkpoint with --resume_from_checkpoint {earlier[-1]}"
              if earlier else "there is no earlier checkpoint to resume from")
-    return CheckpointError(f"{file} is unreadable ({reason}); {offer}, or delete {path.name}")
+    present = f" (checkpoints in {path.parent}: {', '.join(p.name for p in others)})" if others else ""
+    return CheckpointError(f"{file} is unreadable ({reason}); {offer}{present}, or delete {path.name}")
 
 
 def update_of(path: Path) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from llm_rl.config.errors import ConfigError
 from llm_rl.reporting.metrics import read_metrics
@@ -59,6 +60,27 @@ def clean(output_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return removed
 
 
+def check_reuse(output_dir: Path, overwrite: bool, resume_spec: Optional[str]) -> None:
+    """Refuse a run in a folder that holds one, unless it resumes or overwrites it (ConfigError naming
+    what is there). Called before any model loads, and again by `prepare`."""
+    if overwrite:
+        return
+    found = completed_work(output_dir)
+    if not found:
+        return
+    if resume_spec is None:
+        raise ConfigError(
+            f"{output_dir} already holds a run ({', '.join(found)}); resume it with resume_from_checkpoint: "
+            "latest, choose another output_dir, "
+            "or set overwrite_output_dir: true (removes the files llm_rl wrote there)"
+        )
+    if resume_spec == "latest" and not checkpoint.list_checkpoints(output_dir):
+        raise ConfigError(
+            f"resume_from_checkpoint: latest found no checkpoint in {output_dir}, which holds a run "
+            "without one; set overwrite_output_dir: true to start over, or choose another output_dir"
+        )
+
+
 def prepare(accelerator, output_dir: Path, overwrite: bool, resuming: bool, extra: tuple[str, ...] = ()) -> None:
     """Check that `output_dir` may take this run, then (main process) create it, clean it when
     overwriting, and start an empty metrics.jsonl unless resuming.
@@ -67,14 +89,14 @@ def prepare(accelerator, output_dir: Path, overwrite: bool, resuming: bool, extr
     config neither resumes nor overwrites it.
     """
     output_dir = Path(output_dir)
-    found = [] if resuming or overwrite else completed_work(output_dir)
+    problem = None
+    try:
+        check_reuse(output_dir, overwrite or resuming, None)
+    except ConfigError as e:
+        problem = e
     accelerator.wait_for_everyone()  # every process looks before the main process writes
-    if found:
-        raise ConfigError(
-            f"{output_dir} already holds a run ({', '.join(found)}); resume it with resume_from_checkpoint: "
-            "latest, choose another output_dir, "
-            "or set overwrite_output_dir: true (removes the files llm_rl wrote there)"
-        )
+    if problem:
+        raise problem
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if overwrite and not resuming:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from accelerate.utils import set_seed
 
@@ -15,6 +16,7 @@ from llm_rl.config.sections import Config
 from llm_rl.data.prompts import load_eval_prompts, load_prompts
 from llm_rl.models.loading import load_policy, load_reference, load_tokenizer
 from llm_rl.rewards.loading import load_eval_rewards, load_rewards
+from llm_rl.training import output_dir as run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ def run_ppo(config: Config, callbacks: Sequence = ()):
     from llm_rl.training.ppo_trainer import PPOTrainer
 
     config.validate()
+    t = config.train
+    run_dir.check_reuse(Path(t.output_dir), t.overwrite_output_dir, t.resume_from_checkpoint)  # before any load
     config.check_paths()
     set_seed(config.train.seed)  # identical initial weights (value head) on every process
     m = config.model

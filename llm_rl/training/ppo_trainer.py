@@ -224,6 +224,8 @@ class PPOTrainer(TrainingRun):
     # ================================================================== the loop
     def train(self) -> list[dict]:
         """Run `num_updates` PPO updates; returns the per-update metrics."""
+        if self.accelerator.is_main_process:
+            print(self.startup_summary(), flush=True)
         self.start(self.num_updates)  # trackers, resume, progress bar
         history = []
         batches = iter(self.prompt_sampler)
@@ -254,6 +256,27 @@ class PPOTrainer(TrainingRun):
         for callback in self.callbacks:
             callback.on_train_end(self, history)
         return history
+
+    def startup_summary(self) -> str:
+        """What this run is about to do, printed once at its start: processes, device, precision, model,
+        data, length, output folder and rollout engine (the facts a wrong launch command changes)."""
+        acc, config, ppo = self.accelerator, self.config, self.config.ppo
+        dtype = str(next(acc.unwrap_model(self.model).parameters()).dtype).removeprefix("torch.")
+        m = config.model
+        lora = f" (LoRA r={m.lora_r})" if m.use_peft else ""
+        held_out = f", {len(self.evaluator.prompts)} held-out" if self.evaluator is not None else ""
+        resume = f", resuming {self.resume_path}" if self.resume_path is not None else ""
+        return "\n".join([
+            f"[llm_rl] ppo: {acc.num_processes} process{'es' if acc.num_processes > 1 else ''} "
+            f"({acc.distributed_type.value}), device {acc.device}, dtype {dtype}, "
+            f"mixed precision {acc.mixed_precision}",
+            f"  model: {m.model_name_or_path}{lora}",
+            f"  prompts: {len(self.prompts)}{held_out}; {ppo.batch_size} per process per update, "
+            f"{ppo.num_generations} completion{'s' if ppo.num_generations > 1 else ''} each",
+            f"  updates: {self.num_updates}{resume}",
+            f"  output_dir: {self.output_dir}",
+            f"  rollout engine: {config.sampling.rollout_engine}",
+        ])
 
     def collect_metrics(self, rollout: Rollout, scores: Scores, targets: Targets, stats: dict, start: float) -> dict:
         """Phase 6: this update's metrics: the rollout's over every process, training `stats` and times,

@@ -31,12 +31,12 @@ from llm_rl.algorithms.losses import (
     pairwise_loss,  # public here too: `from llm_rl.training.reward_trainer import pairwise_loss`
 )
 from llm_rl.config.errors import ConfigError, loading
-from llm_rl.config.loading import split_config_arg
 from llm_rl.config.paths import missing_local_path
-from llm_rl.config.reward_training import CONFIG_FILE, RewardTrainingConfig, format_help
+from llm_rl.config.reward_training import CONFIG_FILE, RewardTrainingConfig
 from llm_rl.models.loading import add_lora, ensure_distinct_pad, resize_for_tokenizer
 from llm_rl.models.value_head import DTYPES
 from llm_rl.rewards.model import reward_model_text, sequence_scores
+from llm_rl.training import output_dir as run_dir
 from llm_rl.training.run import TrainingRun
 
 __all__ = ["RewardTrainer", "RewardTrainingConfig", "pairwise_loss", "train_reward_model"]
@@ -221,6 +221,7 @@ class RewardTrainer(TrainingRun):
         from accelerate.utils import set_seed
 
         config.validate()
+        run_dir.check_reuse(Path(config.output_dir), config.overwrite_output_dir, config.resume_from_checkpoint)
         for key in ("model_name_or_path", "dataset_name", "eval_split"):
             problem = missing_local_path(getattr(config, key), data=key != "model_name_or_path")
             if problem:
@@ -372,13 +373,3 @@ def train_reward_model(config: RewardTrainingConfig) -> dict:
     """Train, evaluate and save a reward model; returns the final metrics (eval/accuracy, ...)."""
     return RewardTrainer(config).train()
 
-
-# ====================================================================== command line
-def main(argv: list[str]) -> int:
-    """`llm-rl reward train --config FILE.yaml [--key value ...]`."""
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: llm-rl reward train --config FILE.yaml [--key value ...]\n\nkeys:\n" + format_help())
-        return 0
-    config = RewardTrainingConfig.from_yaml(*split_config_arg(argv))
-    train_reward_model(config)
-    return 0

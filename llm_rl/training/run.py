@@ -20,6 +20,7 @@ Only the main process prints and writes files; every process joins the collectiv
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -45,7 +46,7 @@ class TrainingRun:
 
     def __init__(self, config, options, gradient_accumulation_steps: int, accelerator: Optional[Accelerator] = None):
         self.config, self.options = config, options
-        self.accelerator = accelerator or Accelerator(
+        self.accelerator = accelerator or new_accelerator(
             log_with=None if options.report_to == "none" else options.report_to,
             project_dir=options.output_dir,
             gradient_accumulation_steps=gradient_accumulation_steps,
@@ -80,11 +81,8 @@ class TrainingRun:
         if spec is None:
             return None
         path = checkpoint.resolve_checkpoint(spec, self.output_dir)
-        if path is None and run_dir.completed_work(self.output_dir) and not self.options.overwrite_output_dir:
-            raise ConfigError(
-                f"resume_from_checkpoint: latest found no checkpoint in {self.output_dir}, which holds a run "
-                "without one; set overwrite_output_dir: true to start over, or choose another output_dir"
-            )
+        if path is None:
+            run_dir.check_reuse(self.output_dir, self.options.overwrite_output_dir, spec)
         return path
 
     def prepare_training(self, model, optim, total_steps: int, *others, trainable_only: bool = False) -> list:
@@ -248,6 +246,16 @@ class TrainingRun:
     def write_reports(self, metrics: dict) -> None:
         """Main process: the files that describe the run beside the model; here its card."""
         self.model_card(metrics).save(self.output_dir / "README.md")
+
+
+def new_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator; on the CPU when torchrun started several processes on a machine without an
+    accelerator device (accelerate_configs/cpu.yaml with --num_processes N: accelerate's launcher does
+    not pass use_cpu on), so they train together over gloo instead of as N runs that ignore each other."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+    if several and not torch.accelerator.is_available():
+        kwargs["cpu"] = True
+    return Accelerator(**kwargs)
 
 
 def latest_values(rows: list[dict]) -> dict:

@@ -21,7 +21,7 @@ CONFIG_DIR = REPO / "accelerate_configs"
 
 EXPECTED = {
     # name: (distributed_type, num_machines, num_processes, mixed_precision)
-    "cpu": (DistributedType.NO, 1, 1, "no"),
+    "cpu": (DistributedType.MULTI_GPU, 1, 1, "no"),  # the type for which the launcher starts N processes
     "single_gpu": (DistributedType.NO, 1, 1, "bf16"),
     "multi_gpu": (DistributedType.MULTI_GPU, 1, 8, "bf16"),
     "fsdp": (DistributedType.FSDP, 1, 8, "bf16"),
@@ -142,9 +142,10 @@ def test_launcher_resolves_the_file(name):
     assert args.training_script_args[:1] == ["--config"]
     assert args.use_fsdp is (name == "fsdp")
     assert args.use_deepspeed is name.startswith("deepspeed")
-    assert args.multi_gpu is (name in ("multi_gpu", "multi_node"))
+    assert args.multi_gpu is (name in ("multi_gpu", "multi_node", "cpu"))
     if name == "cpu":
-        assert env["ACCELERATE_USE_CPU"] == "True"
+        # the launcher sets CUDA_VISIBLE_DEVICES to gpu_ids (where torch is built with CUDA): no GPU visible
+        assert args.gpu_ids == "-1,-1" and env.get("CUDA_VISIBLE_DEVICES", "-1,-1") == "-1,-1"
 
 
 def test_fsdp_settings():
@@ -198,3 +199,25 @@ def test_multi_node_settings():
     # torchrun meets the main node at main_process_ip:main_process_port (static rendezvous)
     endpoint = getattr(args, "rdzv_endpoint", None) or f"{args.master_addr}:{args.master_port}"
     assert endpoint == f"{config.main_process_ip}:{config.main_process_port}"
+
+
+def test_cpu_file_honours_num_processes(tmp_path, tiny_model_dir):
+    """`--num_processes 2` with cpu.yaml starts two processes that train together (it used to start one);
+    the startup summary, printed by the main process only, says so once. One tiny update."""
+    import subprocess
+    import sys
+
+    from conftest import explain, offline_env, write_jsonl, write_sevens_reward
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+{a}="} for a in range(8)])
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path("cpu")),
+        "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+        "-m", "llm_rl.cli", "ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prompts),
+        "--reward_funcs", write_sevens_reward(tmp_path), "--batch_size", "2", "--max_new_tokens", "2",
+        "--max_updates", "1", "--output_dir", str(tmp_path / "out"), "--no_progress_bar",
+    ]
+    proc = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout.count("[llm_rl] ppo:") == 1, explain(proc)
+    assert "[llm_rl] ppo: 2 processes (MULTI_CPU), device cpu" in proc.stdout, explain(proc)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import explain, read_jsonl, run_cli, write_jsonl, write_sevens_reward
+from conftest import REPO, explain, offline_env, read_jsonl, run_cli, write_jsonl, write_sevens_reward
 
 
 @pytest.fixture
@@ -131,3 +131,113 @@ def test_dialogue_demo_command(tmp_path):
     assert 0.2 < summary["before"]["sampled"]["ask_rate"] < 0.8  # the warm start picks either behaviour
     assert (out / "dialogue.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "gamma 0.9" in proc.stdout and "exact return" in proc.stdout
+
+
+# ---------------------------------------------------------------- errors before the heavy imports
+# `python -c` runs the CLI entry on bad input, then reports which heavy libraries that imported.
+HEAVY_IMPORTS_AFTER = textwrap.dedent("""
+    import sys
+    from llm_rl.cli import main
+    code = "SystemExit"  # argparse's --help and its errors exit
+    try:
+        code = main(sys.argv[1:])
+    finally:
+        print("exit", code, "heavy:", sorted(m for m in ("torch", "transformers", "accelerate") if m in sys.modules))
+        print("architectures:", sorted(m for m in sys.modules if m.startswith("transformers.models.")
+                                       and not m.startswith("transformers.models.auto")))
+""")
+
+
+def run_entry(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_AFTER, *args], cwd=REPO, env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["ppo", "reward train", "reward train --help", "reward score --help",
+                                  "demo", "demo --help", "ppo --help"])
+def test_config_errors_and_help_come_before_torch_is_imported(tmp_path, case):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: /nonexistent\nper_device_train_batch_size: 4\nppo:\n  use_peft: true\n")
+    args = {
+        "ppo": ["ppo", "--config", str(bad), "--learningrate", "1"],
+        "reward train": ["reward", "train", "--config", str(bad)],
+        "demo": ["demo", "--output_dir", str(tmp_path / "demo"), "--bogus_key", "1"],
+    }.get(case, case.split())
+    result = run_entry(args, tmp_path)
+    out = result.stdout + result.stderr
+    assert "heavy: []" in out, explain(result)
+    if "--help" not in case:
+        assert "exit 2" in out and "llm-rl: config error:" in result.stderr, explain(result)
+
+
+def test_every_bad_key_is_listed_in_one_run(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("per_device_train_batch_size: 4\nmax_completion_length: 32\nppo:\n  use_peft: true\n  lora_r: 8\n")
+    proc = run_cli(["ppo", "--config", str(bad), "--learningrate", "1e-5"], tmp_path, timeout=120)
+    assert proc.returncode == 2, explain(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == f"llm-rl: config error: 5 unknown keys in {bad} and the command line:"
+    assert "Did you mean batch_size?" in lines[1] and "Did you mean max_new_tokens?" in lines[2]
+    assert "'use_peft' belongs in section 'model'" in lines[3] and "'lora_r' belongs in section 'model'" in lines[4]
+    assert "Did you mean: learning_rate?" in lines[5] and len(lines) == 6
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["ppo", "reward train"])
+def test_an_output_folder_holding_a_run_is_refused_before_the_model_is_looked_at(tmp_path, command):
+    """The model path does not exist: the folder check has to come first for its message to be the one shown."""
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text('{"update": 3}')
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: /nonexistent/model\ndataset_name: {data}\noutput_dir: {out}\n")
+    result = run_entry([*command.split(), "--config", str(config)], tmp_path)
+    assert "exit 2" in result.stdout, explain(result)
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"llm-rl: config error: {out} already holds a run (checkpoint-3)"), explain(result)
+    assert "/nonexistent/model" not in result.stderr
+    assert "architectures: []" in result.stdout  # no model class was even imported
+
+
+def test_an_environment_exception_is_one_line_naming_the_class_and_method(tmp_path, tiny_model_dir):
+    env_file = tmp_path / "my_env.py"
+    env_file.write_text(textwrap.dedent("""
+        class Support:
+            def reset(self, row):
+                return row["prompt"]
+
+            def step(self, response):
+                return None, {"score": 1}["reward"], True
+    """))
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"{a}+1="} for a in range(4)])
+    proc = run_cli(["ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
+                    "--environment", f"{env_file}:Support", "--batch_size", "2", "--max_new_tokens", "2",
+                    "--max_updates", "1", "--output_dir", str(tmp_path / "out"), "--progress_bar", "false"], tmp_path)
+    assert proc.returncode == 2, explain(proc)
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("llm-rl: environment error: Support.step raised KeyError: 'reward' for the reply "), line
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_exits_130(ppo_yaml, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "llm_rl.cli", "ppo", "--config", str(ppo_yaml), "--max_updates", "10000",
+               "--save_steps", "1", "--output_dir", str(out)]
+    proc = subprocess.Popen(command, cwd=REPO, env=offline_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    latest = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert line == (f"llm-rl: interrupted; the last checkpoint is {latest}; resume with the same command and "
+                    "--resume_from_checkpoint latest"), line

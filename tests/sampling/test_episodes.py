@@ -303,3 +303,36 @@ def test_environment_mistakes_are_named(tiny_lm, tiny_tokenizer, bad, message):
 
     with pytest.raises(EpisodeError, match=message):
         run_episodes(tiny_lm, tiny_tokenizer, [Broken()], [{}], SamplingSettings(max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,), chunk_size=1, pad_token_id=tiny_tokenizer.pad_token_id), max_turns=2, max_episode_tokens=20, max_prompt_length=8)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("init", r"^Flaky\(\) raised RuntimeError: no connection$"),
+    ("reset", r"^Flaky\.reset raised KeyError: 'code'$"),
+    ("step", r"^Flaky\.step raised ZeroDivisionError: division by zero for the reply '.*'$"),
+])
+def test_an_exception_in_the_users_environment_names_the_class_and_method(tiny_lm, tiny_tokenizer, where, message):
+    from llm_rl.sampling.episodes import EpisodeError, EpisodeSampler
+
+    class Flaky:
+        def __init__(self):
+            if where == "init":
+                raise RuntimeError("no connection")
+
+        def reset(self, row):
+            return row["code"] if where == "reset" else "1+2="
+
+        def step(self, response):
+            return "1", 1 / 0, False
+
+    from accelerate import Accelerator
+
+    settings = SamplingSettings(max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(1,),
+                                chunk_size=1, pad_token_id=tiny_tokenizer.pad_token_id)
+    from llm_rl.models.value_head import CausalLMWithValueHead
+
+    policy = CausalLMWithValueHead(tiny_lm)
+    sampler = EpisodeSampler(policy, Accelerator(cpu=True), tiny_tokenizer, settings, Flaky, 1, max_turns=2,
+                             max_episode_tokens=20, max_prompt_length=8)
+    with pytest.raises(EpisodeError, match=message) as caught:
+        sampler.sample({"rows": [{}]})
+    assert caught.value.__cause__ is not None  # --debug shows the user's traceback

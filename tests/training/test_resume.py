@@ -158,12 +158,15 @@ def test_lora_checkpoint_holds_only_what_trains_and_resumes_exactly(setup, tmp_p
     assert metrics(killed) == metrics(straight)
 
 
-def test_a_corrupted_checkpoint_is_named_and_the_previous_one_offered(setup, uninterrupted, tmp_path):
+@pytest.mark.parametrize("damaged", ["model.safetensors", checkpoint.STATE_FILE])
+def test_a_corrupted_checkpoint_is_named_and_the_previous_one_offered(setup, uninterrupted, tmp_path, damaged):
+    """The file named is the damaged one (a bad trainer_state.json used to be reported as random_states_0.pkl,
+    which plain weights_only loading refuses), with the checkpoints there are."""
     _, args = setup
     out = tmp_path / "corrupted"
     shutil.copytree(uninterrupted, out)
-    bad = checkpoint.checkpoint_dir(out, UPDATES) / "model.safetensors"
-    bad.write_bytes(bad.read_bytes()[:100])  # a disk that filled up while writing
+    bad = checkpoint.checkpoint_dir(out, UPDATES) / damaged
+    bad.write_bytes(bad.read_bytes()[:30])  # a disk that filled up while writing
     cmd, env = ppo(args, out, ["--resume_from_checkpoint", "latest"])
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -171,3 +174,5 @@ def test_a_corrupted_checkpoint_is_named_and_the_previous_one_offered(setup, uni
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"llm-rl: checkpoint error: {bad} is unreadable")
     assert f"--resume_from_checkpoint {checkpoint.checkpoint_dir(out, UPDATES - 1)}" in line
+    earlier = [p.name for p in checkpoint.list_checkpoints(out)][:-1]
+    assert f"(checkpoints in {out}: {', '.join(earlier)})" in line and earlier
