@@ -196,9 +196,6 @@ PPO_RULES: list[Rule] = [
     Rule("rollout_engine_installed", engine_installed,
          lambda c: f"rollout_engine: {c.sampling.rollout_engine} needs {engine(c).package}, which is not installed. "
                    f"Install it: {engine(c).install}"),
-    Rule("vllm_episodes", lambda c: c.sampling.rollout_engine != "vllm" or no_environment(c),
-         "rollout_engine: vllm samples single responses; multi-turn episodes (environment) sample with "
-         "rollout_engine: hf so far"),
     Rule("vllm_correction_truncated_sampling", lambda c: not corrects_engine(c)
          or (c.sampling.top_k == 0 and c.sampling.top_p == 1.0),
          lambda c: f"rollout_engine: vllm with vllm_importance_sampling_correction: the engine's log-probs would be of "

@@ -26,9 +26,9 @@ import torch
 from llm_rl.algorithms.ops import left_pad, right_pad
 from llm_rl.config.errors import UserError
 from llm_rl.config.specs import import_from_spec
-from llm_rl.sampling.hf import generate_responses, generating, repeat_rows
+from llm_rl.sampling.hf import HFTurns, hf_turn_generator, repeat_rows
 from llm_rl.sampling.rollout import Rollout
-from llm_rl.sampling.sampler import SamplingSettings
+from llm_rl.sampling.sampler import SamplingSettings, TurnEngine, TurnGenerator
 
 Observation = Union[str, list]
 
@@ -60,6 +60,7 @@ class Episodes:
     num_turns: torch.Tensor  # (batch,) bot turns taken
     prompts: list  # first observations as text
     transcripts: list  # each episode's text after the first observation
+    sampler_logprobs: Optional[torch.Tensor] = None  # (batch, len) the engine's log-probs on bot tokens, 0 elsewhere
 
 
 class _Conversation:
@@ -79,6 +80,7 @@ class _Conversation:
             self.prompt = tokenizer(self.prompt_text).input_ids
         self.tokens: list[int] = []  # after the prompt
         self.actions: list[int] = []
+        self.sampler_logprobs: list[float] = []  # the engine's, on bot tokens (0 on observations)
         self.rewards: list[float] = []
         self.turn_ends: list[bool] = []
         self.turns = 0
@@ -88,9 +90,10 @@ class _Conversation:
     def context(self) -> list[int]:
         return self.prompt + self.tokens
 
-    def add_response(self, ids: list[int], text: str, reward: float) -> None:
+    def add_response(self, ids: list[int], text: str, reward: float, logprobs: Optional[list[float]] = None) -> None:
         self.tokens += ids
         self.actions += [1] * len(ids)
+        self.sampler_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
         self.rewards += [0.0] * (len(ids) - 1) + [float(reward)]
         self.turn_ends += [False] * (len(ids) - 1) + [True]
         self.turns += 1
@@ -101,6 +104,7 @@ class _Conversation:
         ids = self._observation_ids(observation)
         self.tokens += ids
         self.actions += [0] * len(ids)
+        self.sampler_logprobs += [0.0] * len(ids)
         self.rewards += [0.0] * len(ids)
         self.turn_ends += [False] * len(ids)
 
@@ -156,9 +160,16 @@ def checked_step(environment, response: str) -> tuple[Optional[Observation], flo
     return observation, reward, bool(done)
 
 
+def run_episodes(lm, tokenizer, environments: list, rows: list[dict], settings: SamplingSettings, *,
+                 device=None, **limits) -> Episodes:
+    """`play_episodes` with each turn sampled by `generate` on the transformers model `lm`."""
+    return play_episodes(hf_turn_generator(lm, settings, device), tokenizer, environments, rows, settings,
+                         device=device, **limits)
+
+
 @torch.no_grad()
-def run_episodes(
-    lm,
+def play_episodes(
+    generate_turn: TurnGenerator,
     tokenizer,
     environments: list,
     rows: list[dict],
@@ -170,7 +181,7 @@ def run_episodes(
     max_prompt_length: Optional[int] = None,
 ) -> Episodes:
     """Play one episode per environment, all turns of all episodes batched: each turn, the episodes
-    still running generate together (KV cache within the turn), then each environment answers."""
+    still running generate together (one `generate_turn` call), then each environment answers."""
     episodes = [_Conversation(tokenizer, call_environment(env, "reset", row)) for env, row in zip(environments, rows)]
     for env, ep in zip(environments, episodes):
         if max_prompt_length is not None and len(ep.prompt) > max_prompt_length:
@@ -178,42 +189,45 @@ def run_episodes(
                 f"{type(env).__name__}.reset returned a first observation of {len(ep.prompt)} tokens, over "
                 f"max_prompt_length={max_prompt_length}: raise max_prompt_length or shorten it"
             )
+    with_logprobs = False
     for _ in range(max_turns):
         running = [i for i, ep in enumerate(episodes) if not ep.done and not ep.cut]
         if not running:
             break
-        play_turn(lm, tokenizer, [episodes[i] for i in running], [environments[i] for i in running], settings,
-                  max_episode_tokens, device)
-    return stack_episodes(episodes, tokenizer, device)
+        with_logprobs = play_turn(generate_turn, tokenizer, [episodes[i] for i in running],
+                                  [environments[i] for i in running], settings, max_episode_tokens)
+    return stack_episodes(episodes, tokenizer, device, with_sampler_logprobs=with_logprobs)
 
 
-def play_turn(lm, tokenizer, episodes: list[_Conversation], environments: list, settings: SamplingSettings,
-              max_episode_tokens: int, device) -> None:
-    """One bot turn of each running episode, generated together, then each environment's answer."""
+def play_turn(generate_turn: TurnGenerator, tokenizer, episodes: list[_Conversation], environments: list,
+              settings: SamplingSettings, max_episode_tokens: int) -> bool:
+    """One bot turn of each running episode, generated together, then each environment's answer.
+    Returns whether the engine gave its log-probs of the sampled tokens."""
     budget = min(settings.max_new_tokens, max(max_episode_tokens - len(ep.tokens) for ep in episodes))
-    ids, mask = left_pad([ep.context() for ep in episodes], settings.pad_token_id)
-    response_ids, action_mask, ended = generate_responses(
-        lm, ids.to(device), mask.to(device), settings, max_new_tokens=budget
-    )
+    response_ids, action_mask, ended, logprobs = generate_turn([ep.context() for ep in episodes], budget)
     lengths = action_mask.sum(dim=1).tolist()
     for row, (ep, env) in enumerate(zip(episodes, environments)):
-        reply = response_ids[row, : lengths[row]].tolist()[: max(max_episode_tokens - len(ep.tokens), 1)]
+        keep = min(lengths[row], max(max_episode_tokens - len(ep.tokens), 1))
+        reply = response_ids[row, :keep].tolist()
         stopped = bool(ended[row]) and reply[-1] in settings.stop_token_ids
         text = tokenizer.decode(reply[:-1] if stopped else reply, skip_special_tokens=True)
         observation, reward, done = checked_step(env, text)
-        ep.add_response(reply, text, reward)
+        ep.add_response(reply, text, reward, None if logprobs is None else logprobs[row, :keep].tolist())
         if done:
             ep.done = True
             continue
         ep.add_observation(observation)
         ep.cut = len(ep.tokens) >= max_episode_tokens
+    return logprobs is not None
 
 
-def stack_episodes(episodes: list[_Conversation], tokenizer, device) -> Episodes:
+def stack_episodes(episodes: list[_Conversation], tokenizer, device, with_sampler_logprobs: bool = False) -> Episodes:
     """Finished conversations as one batch: the first observations left-padded, the rest right-padded."""
     pad = tokenizer.pad_token_id
     prompt_ids, prompt_mask = left_pad([ep.prompt for ep in episodes], pad)
     width = max(max(len(ep.tokens) for ep in episodes), 1)
+    logprobs = (right_pad([ep.sampler_logprobs for ep in episodes], width, 0.0, torch.float32)
+                if with_sampler_logprobs else None)
     return Episodes(
         prompt_ids=prompt_ids.to(device),
         prompt_mask=prompt_mask.to(device),
@@ -226,31 +240,42 @@ def stack_episodes(episodes: list[_Conversation], tokenizer, device) -> Episodes
         num_turns=torch.tensor([ep.turns for ep in episodes], device=device),
         prompts=[ep.prompt_text for ep in episodes],
         transcripts=[tokenizer.decode(ep.tokens, skip_special_tokens=False) for ep in episodes],
+        sampler_logprobs=logprobs.to(device) if logprobs is not None else None,
     )
 
 
 class EpisodeSampler:
     """`Sampler` of multi-turn episodes: one `environment_class()` per episode (num_generations per dataset
-    row), every turn batched through `generate` on the training model. The rows of one dataset row do not
-    share a prompt the forwards could run once (an environment may start its copies differently)."""
+    row), every turn of all episodes batched through one call of the `TurnEngine`: `generate` on the training
+    model by default (`HFTurns`), or a vLLM engine (`llm_rl.sampling.vllm.VLLMEngine`). The rows of one
+    dataset row do not share a prompt the forwards could run once (an environment may start its copies
+    differently)."""
 
     def __init__(self, model, accelerator, tokenizer, settings: SamplingSettings, environment_class: type,
-                 num_generations: int, *, max_turns: int, max_episode_tokens: int, max_prompt_length: int):
-        self.model, self.accelerator, self.tokenizer, self.settings = model, accelerator, tokenizer, settings
+                 num_generations: int, *, max_turns: int, max_episode_tokens: int, max_prompt_length: int,
+                 engine: Optional[TurnEngine] = None):
+        self.accelerator, self.tokenizer, self.settings = accelerator, tokenizer, settings
         self.environment_class, self.num_generations = environment_class, num_generations
+        self.engine = engine or HFTurns(model, accelerator, settings)
         self.limits = dict(max_turns=max_turns, max_episode_tokens=max_episode_tokens,
                            max_prompt_length=max_prompt_length)
+
+    @property
+    def timing(self) -> dict[str, float]:
+        return self.engine.timing
 
     @torch.no_grad()
     def sample(self, batch: dict) -> Rollout:
         rows = repeat_rows(batch["rows"], self.num_generations)
-        with generating(self.model, self.accelerator) as lm:
-            episodes = run_episodes(lm, self.tokenizer, [call_environment(self.environment_class, "__init__") for _ in rows], rows, self.settings,
-                                    device=self.accelerator.device, **self.limits)
+        environments = [call_environment(self.environment_class, "__init__") for _ in rows]
+        with self.engine.turns() as generate_turn:
+            episodes = play_episodes(generate_turn, self.tokenizer, environments, rows, self.settings,
+                                     device=self.accelerator.device, **self.limits)
         return Rollout(
             episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.action_mask, episodes.ended,
             response_mask=episodes.response_mask, turn_ends=episodes.turn_ends, num_turns=episodes.num_turns,
             turn_scores=episodes.turn_scores, prompts=episodes.prompts, completions=episodes.transcripts,
+            sampler_logprobs=episodes.sampler_logprobs,
         )
 
 

@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from llm_rl.algorithms.ops import left_pad
 from llm_rl.models.value_head import cache_argument, can_share_prompts, eval_mode, gathered_for_generation, shared_prompt_cache
 from llm_rl.sampling.rollout import Rollout, decode_responses, truncate_after_stop
 from llm_rl.sampling.sampler import SamplingSettings
@@ -121,6 +122,28 @@ def generating(model, accelerator):
 def repeat_rows(items: list, times: int) -> list:
     """Each item `times` times on consecutive rows: a prompt's completions sit together."""
     return [item for item in items for _ in range(times)]
+
+
+def hf_turn_generator(lm, settings: SamplingSettings, device):
+    """A `TurnGenerator` over `generate` on `lm` (inside `generating`): contexts left-padded into one batch."""
+    def generate_turn(contexts: list[list[int]], max_new_tokens: int):
+        ids, mask = left_pad(contexts, settings.pad_token_id)
+        return *generate_responses(lm, ids.to(device), mask.to(device), settings, max_new_tokens=max_new_tokens), None
+
+    return generate_turn
+
+
+class HFTurns:
+    """Episode turns through transformers' `generate` on the training model (`EpisodeSampler`'s default)."""
+
+    def __init__(self, model, accelerator, settings: SamplingSettings):
+        self.model, self.accelerator, self.settings = model, accelerator, settings
+        self.timing: dict[str, float] = {}  # no phases of its own: generate is all of time/generate
+
+    @contextlib.contextmanager
+    def turns(self):
+        with generating(self.model, self.accelerator) as lm:
+            yield hf_turn_generator(lm, self.settings, self.accelerator.device)
 
 
 class HFSampler:

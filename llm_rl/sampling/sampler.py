@@ -2,8 +2,9 @@
 
 The trainer picks one `Sampler` when it is built (`llm_rl.sampling.hf.HFSampler` for single responses,
 `llm_rl.sampling.episodes.EpisodeSampler` for multi-turn episodes) and its loop only calls
-`sampler.sample(batch)`. A second engine (vLLM) plugs in here: it returns the same `Rollout`, token ids
-and masks, and may fill `Rollout.sampler_logprobs` with its own per-token log-probs. Whatever the
+`sampler.sample(batch)`. A second engine (vLLM, `llm_rl.sampling.vllm`) plugs in here: it returns the same
+`Rollout`, token ids and masks, and may fill `Rollout.sampler_logprobs` with its own per-token log-probs.
+Episodes take their engine one level lower, as a `TurnEngine` that generates each assistant turn. Whatever the
 engine, the trainer recomputes the old policy's log-probs with the training model; an engine's own
 log-probs are only compared with them (`mismatch/*` metrics).
 """
@@ -11,7 +12,10 @@ log-probs are only compared with them (`mismatch/*` metrics).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from contextlib import AbstractContextManager
+from typing import Optional, Protocol
+
+import torch
 
 from llm_rl.config.errors import ConfigError
 from llm_rl.sampling.rollout import Rollout
@@ -67,3 +71,23 @@ class Sampler(Protocol):
     brings them up to date inside `sample` (the trainer's model is what it samples from)."""
 
     def sample(self, batch: dict) -> Rollout: ...
+
+
+class TurnGenerator(Protocol):
+    """One assistant turn of several episodes at once: the engine's completion of each token-id context
+    (unpadded), at most `max_new_tokens` tokens. Returns (response_ids, action_mask, ended, logprobs):
+    (rows, longest) right-padded and cut after the first stop token as `truncate_after_stop` does, ended
+    (rows,), and the engine's own log-prob of each sampled token (rows, longest), or None if it has none."""
+
+    def __call__(self, contexts: list[list[int]], max_new_tokens: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
+
+
+class TurnEngine(Protocol):
+    """What samples the turns of one rollout's episodes (`llm_rl.sampling.hf.HFTurns`,
+    `llm_rl.sampling.vllm.VLLMEngine`): `turns()` readies the engine once per rollout (gathers or pushes the
+    current weights) and yields its `TurnGenerator`; `timing` holds the engine's own phases of the last one."""
+
+    timing: dict[str, float]
+
+    def turns(self) -> AbstractContextManager[TurnGenerator]: ...

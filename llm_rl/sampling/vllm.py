@@ -1,7 +1,8 @@
-"""Single responses from a vLLM engine in the training process (`rollout_engine: vllm`).
+"""Rollouts from a vLLM engine in the training process (`rollout_engine: vllm`).
 
-    sampler = VLLMSampler(model, accelerator, tokenizer, settings, num_generations, sampling_config, ...)
-    rollout = sampler.sample(batch)   # pushes the policy's current weights, then samples; Rollout.sampler_logprobs set
+    engine = VLLMEngine(model, accelerator, settings, sampling_config, model_path, max_model_len, seed)
+    rollout = VLLMSampler(engine, tokenizer, num_generations).sample(batch)  # pushes the current weights, samples
+    with engine.turns() as generate_turn: ...  # multi-turn episodes: one engine call per turn (EpisodeSampler)
 
 One engine per training process, colocated (VLLM_ENABLE_V1_MULTIPROCESSING=0), built once from the policy's
 checkpoint folder with the run's thread count, fed token ids, and asked for its log-prob of every sampled token
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from llm_rl.config.errors import ConfigError
+from llm_rl.config.rules import engine_budget
 from llm_rl.config.variants import ROLLOUT_ENGINES
 from llm_rl.sampling.hf import repeat_rows
 from llm_rl.sampling.rollout import Rollout, decode_responses, truncate_after_stop
@@ -148,8 +150,9 @@ def check_architecture(vllm, lm) -> None:
 
 
 def engine_length(config, model_config) -> int:
-    """The engine's max_model_len: `vllm_max_model_len`, or max_prompt_length + max_new_tokens, never above the
-    positions the model has (vLLM refuses a longer one; a prompt plus response that long would not fit either)."""
+    """The engine's max_model_len: `vllm_max_model_len`, or max_prompt_length + max_new_tokens (+ max_episode_tokens
+    for multi-turn episodes: a turn's context is the whole episode so far), never above the positions the model
+    has (vLLM refuses a longer one; a prompt plus response that long would not fit either)."""
     positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     asked = config.sampling.vllm_max_model_len
     if asked is not None:
@@ -157,7 +160,7 @@ def engine_length(config, model_config) -> int:
             raise ConfigError(f"vllm_max_model_len {asked} is above the model's {positions} positions "
                               f"(max_position_embeddings): set it to at most {positions}")
         return asked
-    wanted = config.data.max_prompt_length + config.sampling.max_new_tokens
+    wanted = config.data.max_prompt_length + engine_budget(config)
     return wanted if positions is None else min(wanted, positions)
 
 
@@ -187,30 +190,31 @@ def build_engine(model_path: str, lm, sampling_config, max_model_len: int, max_n
         raise ConfigError(f"rollout_engine: vllm: vLLM {vllm.__version__} refused the engine settings: {reason}") from e
 
 
-def sampling_params(vllm, settings: SamplingSettings, num_generations: int, vocab_size: int):
+def sampling_params(vllm, settings: SamplingSettings, num_generations: int, vocab_size: int,
+                    max_new_tokens: int | None = None):
     """The run's sampling keys as vLLM's SamplingParams: n completions per prompt, the sampled token's
     log-prob, nothing else shaping the distribution. Stop ids beyond the model's `vocab_size` logits can never
-    be sampled, so they are left out (vLLM refuses them)."""
+    be sampled, so they are left out (vLLM refuses them). `max_new_tokens`: a shorter budget (an episode's turn)."""
     stops = [i for i in settings.stop_token_ids if i < vocab_size]
     return vllm.SamplingParams(
         n=num_generations, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-        max_tokens=settings.max_new_tokens, stop_token_ids=stops or None, ignore_eos=True,
+        max_tokens=max_new_tokens or settings.max_new_tokens, stop_token_ids=stops or None, ignore_eos=True,
         logprobs=0, detokenize=False, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
         min_p=0.0, min_tokens=0,
     )
 
 
-def responses_from_outputs(outputs, settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                           torch.Tensor]:
+def responses_from_outputs(outputs, settings: SamplingSettings, max_new_tokens: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """vLLM's RequestOutputs (one per prompt, n completions each) as (response_ids, action_mask, ended, logprobs),
     (rows, longest) each but ended (rows,), rows in prompt order, a prompt's completions together."""
-    budget, pad = settings.max_new_tokens, settings.pad_token_id
-    ids = torch.full((sum(len(o.outputs) for o in outputs), budget), pad, dtype=torch.long)
+    pad = settings.pad_token_id
+    ids = torch.full((sum(len(o.outputs) for o in outputs), max_new_tokens), pad, dtype=torch.long)
     logprobs = torch.zeros(ids.shape, dtype=torch.float32)
     row = 0
     for output in outputs:
         for completion in output.outputs:
-            tokens = list(completion.token_ids)[:budget]
+            tokens = list(completion.token_ids)[:max_new_tokens]
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             for t, (token, entry) in enumerate(zip(tokens, completion.logprobs or [])):
                 logprobs[row, t] = entry[token].logprob
@@ -220,34 +224,68 @@ def responses_from_outputs(outputs, settings: SamplingSettings) -> tuple[torch.T
     return ids[:, :longest], mask[:, :longest], ended, (logprobs * mask)[:, :longest]
 
 
-class VLLMSampler:
-    """`Sampler` over a colocated vLLM engine. `model_path`: the policy's checkpoint folder (the engine loads
-    its architecture from it; the weights are pushed before every rollout anyway)."""
+class VLLMEngine:
+    """A colocated vLLM engine for the policy, the weights it samples from kept equal to the trainer's.
+    `model_path`: the policy's checkpoint folder (the engine reads its architecture there; the weights are
+    pushed before every rollout anyway). Both samplers use it: single responses (`VLLMSampler`) and
+    episode turns (`llm_rl.sampling.episodes.EpisodeSampler`, through `turns`)."""
 
-    def __init__(self, model, accelerator, tokenizer, settings: SamplingSettings, num_generations: int,
-                 sampling_config, model_path: str, max_model_len: int, seed: int):
-        self.model, self.accelerator, self.tokenizer, self.settings = model, accelerator, tokenizer, settings
-        self.num_generations = num_generations
+    def __init__(self, model, accelerator, settings: SamplingSettings, sampling_config, model_path: str,
+                 max_model_len: int, seed: int):
+        self.model, self.accelerator, self.settings = model, accelerator, settings
         self.vllm = import_vllm()
         lm = accelerator.unwrap_model(model).pretrained_model
         self.llm = build_engine(model_path, lm, sampling_config, max_model_len, settings.chunk_size, seed,
                                 accelerator.device)
         self.weights = EngineWeights(self.llm, sampling_config.vllm_weight_sync_bucket_mb << 20,
                                      transfer=accelerator.device.type == "cuda", tied_head=ties_output_embedding(lm))
-        self.params = sampling_params(self.vllm, settings, num_generations, lm.get_output_embeddings().out_features)
-        self.timing: dict[str, float] = {}  # the last sample's weight push, merged into the update's time/* metrics
+        self.vocab_size = lm.get_output_embeddings().out_features
+        sampling_params(self.vllm, settings, 1, self.vocab_size)  # settings vLLM refuses: refused here, at build
+        self.timing: dict[str, float] = {}  # the last rollout's weight push, merged into the update's time/* metrics
+
+    def push_weights(self) -> None:
+        """The trainer's current policy weights into the engine (before every rollout)."""
+        self.weights.push(self.accelerator.unwrap_model(self.model).pretrained_model)
+        self.timing = {"time/weight_sync": self.weights.seconds}
+
+    def generate(self, contexts: list[list[int]], n: int, max_new_tokens: int):
+        """`n` completions of each token-id context, at most `max_new_tokens` each:
+        (response_ids, action_mask, ended, logprobs) on the CPU, a context's completions on consecutive rows."""
+        from vllm.inputs import TokensPrompt
+
+        params = sampling_params(self.vllm, self.settings, n, self.vocab_size, max_new_tokens)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params, use_tqdm=False)
+        return responses_from_outputs(outputs, self.settings, max_new_tokens)
+
+    @contextlib.contextmanager
+    def turns(self):
+        """Weights pushed once, then a `TurnGenerator` for the episodes' turns of this rollout."""
+        self.push_weights()
+        device = self.accelerator.device
+
+        def generate_turn(contexts: list[list[int]], max_new_tokens: int):
+            return tuple(t.to(device) for t in self.generate(contexts, 1, max_new_tokens))
+
+        yield generate_turn
+
+
+class VLLMSampler:
+    """`Sampler` of single responses over a `VLLMEngine`: num_generations completions per prompt in one call."""
+
+    def __init__(self, engine: VLLMEngine, tokenizer, num_generations: int):
+        self.engine, self.tokenizer, self.num_generations = engine, tokenizer, num_generations
+
+    @property
+    def timing(self) -> dict[str, float]:
+        return self.engine.timing
 
     @torch.no_grad()
     def sample(self, batch: dict) -> Rollout:
-        from vllm.inputs import TokensPrompt
-
-        self.weights.push(self.accelerator.unwrap_model(self.model).pretrained_model)
-        self.timing = {"time/weight_sync": self.weights.seconds}
-        prompts = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
-                   for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        response_ids, action_mask, ended, logprobs = responses_from_outputs(outputs, self.settings)
-        device, repeat = self.accelerator.device, self.num_generations
+        self.engine.push_weights()
+        contexts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
+        response_ids, action_mask, ended, logprobs = self.engine.generate(
+            contexts, self.num_generations, self.engine.settings.max_new_tokens)
+        device, repeat = self.engine.accelerator.device, self.num_generations
         return Rollout(
             batch["prompt_ids"].repeat_interleave(repeat, 0).to(device),
             batch["prompt_mask"].repeat_interleave(repeat, 0).to(device),

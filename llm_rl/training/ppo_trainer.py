@@ -143,29 +143,31 @@ class PPOTrainer(TrainingRun):
         forwards) unless the model is sharded: FSDP / DeepSpeed run that extra prompt forward untested."""
         ppo, acc = self.config.ppo, self.accelerator
         sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        if self.config.sampling.rollout_engine == "vllm":
-            return self._vllm_sampler(sharded)
+        engine = self._vllm_engine(sharded) if self.config.sampling.rollout_engine == "vllm" else None
         if environment is None:
+            if engine is not None:
+                from llm_rl.sampling.vllm import VLLMSampler
+
+                return VLLMSampler(engine, self.tokenizer, ppo.num_generations)
             return HFSampler(self.model, acc, self.tokenizer, self.sampling, ppo.num_generations,
                              share_prompts=not sharded)
         env = self.config.environment
         return EpisodeSampler(self.model, acc, self.tokenizer, self.sampling, environment, ppo.num_generations,
                               max_turns=env.max_turns, max_episode_tokens=env.max_episode_tokens,
-                              max_prompt_length=self.config.data.max_prompt_length)
+                              max_prompt_length=self.config.data.max_prompt_length, engine=engine)
 
-    def _vllm_sampler(self, sharded: bool) -> Sampler:
+    def _vllm_engine(self, sharded: bool):
         """A vLLM engine in this process, built after the run set its threads; one per process, each pushed this
         process's (identical) policy weights before every rollout, and seeded by rank."""
-        from llm_rl.sampling.vllm import VLLMSampler, engine_length
+        from llm_rl.sampling.vllm import VLLMEngine, engine_length
 
         if sharded:
             raise ConfigError("rollout_engine: vllm pushes whole weights from each process: FSDP / DeepSpeed shard "
                               "them; use DDP (accelerate_configs/multi_gpu.yaml or cpu.yaml) or rollout_engine: hf")
         config, acc = self.config, self.accelerator
         length = engine_length(config, self.model.pretrained_model.config)
-        return VLLMSampler(self.model, acc, self.tokenizer, self.sampling, config.ppo.num_generations,
-                           config.sampling, config.model.model_name_or_path, length,
-                           seed=config.train.seed + acc.process_index)
+        return VLLMEngine(self.model, acc, self.sampling, config.sampling, config.model.model_name_or_path, length,
+                          seed=config.train.seed + acc.process_index)
 
     def _prepare_models(self, policy: CausalLMWithValueHead, ref_model: Optional[CausalLMWithValueHead]) -> None:
         """Policy (with its optimizer and schedule), reference and reward models on their devices; dropout

@@ -17,7 +17,8 @@ from llm_rl.data.prompts import DataError
 from llm_rl.models.loading import ensure_distinct_pad
 from llm_rl.rewards.model import sequence_scores
 from llm_rl.tasks import addition_preferences, arithmetic
-from llm_rl.training.reward_trainer import collate_pairs, load_reward_model, main, tokenize_pairs, train_reward_model
+from llm_rl.cli import reward_train_main as main
+from llm_rl.training.reward_trainer import collate_pairs, load_reward_model, tokenize_pairs, train_reward_model
 
 
 # ---------------------------------------------------------------- the loss, by hand
