@@ -71,7 +71,7 @@ def demo_main(argv: list[str]) -> int:
 
 
 def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    from llm_rl.demos.options import DialogueOptions
+    from llm_rl.demos.options import DIALOGUE_CONFIG, DialogueOptions
 
     defaults = DialogueOptions()
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -81,12 +81,13 @@ def dialogue_demo_main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="reuse an output_dir that holds a run")
     parser.add_argument("--prepare_only", action="store_true", help="only build the warm-started model and rows")
     parser.add_argument("--num_heldout", type=int, default=defaults.num_heldout, help="held-out bug reports (<= 20)")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest: the recipe's keys, e.g. --rollout_engine vllm
+    Config.from_yaml(DIALOGUE_CONFIG, overrides)  # a mistake in the overrides is reported before torch is imported
     from llm_rl.demos.dialogue import run_dialogue_demo
 
     run_dialogue_demo(DialogueOptions(output_dir=args.output_dir, seed=args.seed, max_updates=args.max_updates,
                                       warm_start_steps=args.warm_start_steps, overwrite=args.overwrite,
-                                      prepare_only=args.prepare_only, num_heldout=args.num_heldout))
+                                      prepare_only=args.prepare_only, num_heldout=args.num_heldout), overrides)
     return 0
 
 

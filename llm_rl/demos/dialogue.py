@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -26,9 +27,11 @@ from llm_rl.training.callbacks import Evaluate
 GAMMAS = (0.9, 0.0)
 
 
-def ppo_config(options: DialogueOptions, gamma: float, warm_dir: Path, data_file: Path, out_dir: Path) -> Config:
-    """The recipe (llm_rl/tasks/dialogue_ppo.yaml) with this run's model, rows, gamma, seed and folder."""
-    config = Config.from_yaml(DIALOGUE_CONFIG)
+def ppo_config(options: DialogueOptions, gamma: float, warm_dir: Path, data_file: Path, out_dir: Path,
+               overrides: Optional[list[str]] = None) -> Config:
+    """The recipe (llm_rl/tasks/dialogue_ppo.yaml) with the command line's overrides, then this run's model,
+    rows, gamma, seed and folder."""
+    config = Config.from_yaml(DIALOGUE_CONFIG, overrides)
     config.set_values({"model_name_or_path": str(warm_dir), "dataset_name": str(data_file), "gamma": gamma,
                    "seed": options.seed, "output_dir": str(out_dir), "overwrite_output_dir": options.overwrite,
                    "progress_bar": False})
@@ -55,7 +58,7 @@ def value_vs_exact(policy, tokenizer, rows: list[dict], gamma: float) -> dict:
             "pruned_mass": dropped}
 
 
-def run_dialogue_demo(options: DialogueOptions) -> dict:
+def run_dialogue_demo(options: DialogueOptions, overrides: Optional[list[str]] = None) -> dict:
     from llm_rl.demos.addition import quiet_libraries
     from llm_rl.training.pipeline import run_ppo
 
@@ -90,7 +93,7 @@ def run_dialogue_demo(options: DialogueOptions) -> dict:
     runs, curves = {}, {}
     for gamma in GAMMAS:
         run_dir = out_dir / f"gamma_{gamma}"
-        config = ppo_config(options, gamma, warm_dir, data_file, run_dir)
+        config = ppo_config(options, gamma, warm_dir, data_file, run_dir, overrides)
 
         def held_out(trainer, gamma=gamma) -> dict:
             lm = trainer.accelerator.unwrap_model(trainer.model).pretrained_model
