@@ -165,7 +165,7 @@ class PPOTrainer(TrainingRun):
             raise ConfigError("rollout_engine: vllm pushes whole weights from each process: FSDP / DeepSpeed shard "
                               "them; use DDP (accelerate_configs/multi_gpu.yaml or cpu.yaml) or rollout_engine: hf")
         config, acc = self.config, self.accelerator
-        length = engine_length(config, self.model.pretrained_model.config)
+        length = engine_length(config, acc.unwrap_model(self.model).pretrained_model.config)  # DDP wraps it
         return VLLMEngine(self.model, acc, self.sampling, config.sampling, config.model.model_name_or_path, length,
                           seed=config.train.seed + acc.process_index)
 
