@@ -1,5 +1,5 @@
 """A stand-in for the Hub's HTTP API on 127.0.0.1, for huggingface_hub's real client (no network, no mock of the
-library): whoami, repo creation, and the two requests of a folder upload (preupload, commit).
+library): whoami, repo creation, and the requests of a folder upload (preupload, commit).
 
 Tests set `whoami`, `create_status` and `upload_status` to answer as the Hub does for an invalid or read-only
 token, a refused repo or a failing upload, and read what arrived in `requests` and `uploaded`.
@@ -27,6 +27,7 @@ class LocalHub:
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.created: list[dict] = []  # create_repo payloads
         self.uploaded: dict[str, list[str]] = {}  # repo id -> paths of the committed files
+        self.validated: list[str] = []  # READMEs whose metadata the client had checked
         self.contents: dict[str, bytes] = {}  # path in the repo -> the bytes committed
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -69,6 +70,9 @@ class LocalHub:
                     payload = json.loads(body)
                     hub.created.append(payload)
                     return self.answer(200, {"url": f"{hub.url}/{payload['organization']}/{payload['name']}"})
+                if self.path == "/api/validate-yaml":  # the client has a README's metadata checked before a commit
+                    hub.validated.append(json.loads(body)["content"])
+                    return self.answer(200, {"errors": [], "warnings": []})
                 parts = self.path.removeprefix("/api/models/").split("/")  # ns, name, action, revision
                 repo, action = "/".join(parts[:2]), parts[2] if len(parts) > 2 else ""
                 if action.startswith("preupload"):
