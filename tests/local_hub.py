@@ -3,7 +3,7 @@ library): whoami, repo creation, and the requests of a folder upload (preupload,
 
 Tests set `whoami`, `create_status` and `upload_status` to answer as the Hub does for an invalid or read-only
 token, a refused repo or a failing upload, and read what arrived in `requests` and `uploaded`.
-Use the `local_hub` fixture: it points the client at the server (HF_ENDPOINT, for child processes too) with a token.
+The `local_hub` fixture (tests/conftest.py) points the client at the server (HF_ENDPOINT, for child processes too) with a token.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
 
 WRITE_USER = {"name": "me", "orgs": [{"name": "my-org"}], "auth": {"accessToken": {"role": "write"}}}
 
@@ -93,9 +91,9 @@ class LocalHub:
         return Handler
 
 
-@pytest.fixture
-def local_hub(monkeypatch, tmp_path):
-    """A LocalHub the Hub client talks to (in this process and in child processes), with a token, online."""
+def serve(monkeypatch, tmp_path):
+    """A LocalHub the Hub client talks to (in this process and in child processes), with a token, online;
+    the `local_hub` fixture of tests/conftest.py."""
     import huggingface_hub.constants as constants
 
     hub = LocalHub()

@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 from conftest import addition_prompts, free_port, ppo_config
-from local_hub import local_hub  # noqa: F401 (the fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_rl.config.errors import ConfigError

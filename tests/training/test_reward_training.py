@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from conftest import read_jsonl, sequence_classifier, write_addition_pairs
-from local_hub import local_hub  # noqa: F401 (the fixture)
 
 from llm_rl.algorithms.losses import pairwise_loss
 from llm_rl.config.errors import ConfigError
