@@ -31,6 +31,14 @@ class LocalHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def refusal(self, authorization: str | None) -> int | None:
+        """The Hub's answer to a write without a token (401), with the token whoami refuses, or a read-only one (403)."""
+        if not authorization:
+            return 401
+        if isinstance(self.whoami, int):
+            return self.whoami
+        return 403 if self.whoami.get("auth", {}).get("accessToken", {}).get("role") == "read" else None
+
     def handler(self):
         hub = self
 
@@ -63,6 +71,9 @@ class LocalHub:
                 hub.requests.append(("POST", self.path))
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path == "/api/repos/create":
+                    refusal = hub.refusal(self.headers.get("Authorization"))
+                    if refusal:
+                        return self.answer(refusal, {"error": "You don't have the rights to create a model"})
                     if hub.create_status != 200:
                         return self.answer(hub.create_status, {"error": "You don't have the rights to create a model"})
                     payload = json.loads(body)
