@@ -1,11 +1,12 @@
 """The run skeleton PPO (`llm_rl.training.ppo_trainer.PPOTrainer`) and reward-model training
 (`llm_rl.training.reward_trainer.RewardTrainer`) share: everything around their training steps.
 
+    launch_check(options)       # before any model loads: FSDP/DeepSpeed need GPUs, Hub push access (rank 0)
     run = Trainer(...)          # TrainingRun.__init__: Accelerator, output folder checked, resume found
     run.prepare_training(...)   # AdamW + warmup schedule, prepared with the model (and data loaders)
     run.start(total)            # trackers, exact resume from a checkpoint, progress bar
     loop: ...; run.log(row); run.save_checkpoint()
-    run.finish()                # model, tokenizer, config, card, optional Hub push, trackers closed
+    run.finish()                # model, tokenizer, config, card, trackers closed, optional Hub push last
 
 A subclass sets the class attributes below and writes the model (`write_model`), its card
 (`model_card`), and any state of its own a checkpoint must carry (`checkpoint_state` /
