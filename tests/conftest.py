@@ -309,3 +309,11 @@ def main():
 if __name__ == "__main__":
     main()
 '''
+
+
+@pytest.fixture
+def local_hub(monkeypatch, tmp_path):
+    """A local stand-in for the Hub that huggingface_hub's client talks to, with a token (tests/local_hub.py)."""
+    from local_hub import serve
+
+    yield from serve(monkeypatch, tmp_path)

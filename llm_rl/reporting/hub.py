@@ -6,15 +6,21 @@ The card adds what a reader of the Hub page needs: base model, data, reward, met
 Cards are built with huggingface_hub's `ModelCard`/`ModelCardData`, and their metadata holds
 only what the Hub accepts: `base_model` and `datasets` are given only when they are Hub ids
 (a local path there makes the Hub reject the upload).
+
+With push_to_hub, `check_push_access` runs before any model loads (token, network, repo), and a failed
+upload after training leaves the saved folder and prints the `hf upload` command that pushes it later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import yaml
 
+from llm_rl.config.errors import UserError
 from llm_rl.config.paths import looks_local
 from llm_rl.config.sections import Config
 from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
@@ -137,19 +143,101 @@ def load_snippet(head: str, adapter: bool, repo: str) -> str:
     return f"from {'peft' if adapter else 'transformers'} import {cls}\nmodel = {cls}.from_pretrained({repo!r})"
 
 
+class HubError(UserError):
+    """A Hub upload that cannot happen (offline, no or read-only token, refused repo, failed upload)."""
+
+    label = "hub error"
+
+
+UPLOAD_EXCLUDES = ("checkpoint-*", ".tmp-*", "*.tmp", "runs/*")  # resumable state and scratch files stay local
+PREFLIGHT_TIMEOUT_S = 10.0  # per request: the Hub client's shared session waits forever by default
+
+
+def check_push_access(repo_id: str, token: Optional[str] = None, private: bool = False,
+                      timeout: float = PREFLIGHT_TIMEOUT_S) -> str:
+    """Before training: refuse a push that cannot happen (HubError, one line), and create the repo.
+
+    Checked in order: offline mode, a token (HF_TOKEN or `hf auth login`), the token is valid (whoami),
+    not read-only, its user or one of its organizations owns the namespace, and `create_repo` accepts it.
+    Each request waits at most `timeout` seconds, without retries. Returns the token's user name.
+    """
+    import huggingface_hub
+
+    where = f"push_to_hub to {repo_id!r}"
+    if huggingface_hub.is_offline_mode():
+        raise HubError(f"{where}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or set "
+                       "push_to_hub: false and upload the output folder later with `hf upload`")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise HubError(f"{where}: no Hugging Face token found; set HF_TOKEN or run `hf auth login` with a "
+                       "write token, or set push_to_hub: false")
+    api = huggingface_hub.HfApi(token=token)
+    with bounded_wait(timeout):
+        me = hub_call(api.whoami, f"{where}: the token could not be checked at {api.endpoint}")
+        role = me.get("auth", {}).get("accessToken", {}).get("role")
+        if role == "read":
+            raise HubError(f"{where}: the token of {me.get('name')!r} is read-only; use a token with write "
+                           "access (https://huggingface.co/settings/tokens)")
+        namespace = repo_id.split("/")[0] if "/" in repo_id else me.get("name")
+        owners = [me.get("name")] + [org.get("name") for org in me.get("orgs", [])]
+        if namespace not in owners:
+            raise HubError(f"hub_model_id {repo_id!r}: the token of {me.get('name')!r} cannot create repos under "
+                           f"{namespace!r} (its user and organizations: {', '.join(map(str, owners))})")
+        hub_call(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
+                 f"{where}: the Hub refused to create or open the repo")
+    return me.get("name")
+
+
+@contextlib.contextmanager
+def bounded_wait(timeout: float):
+    """Requests of the Hub client's shared HTTP session time out after `timeout` seconds meanwhile."""
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    before, session.timeout = session.timeout, timeout
+    try:
+        yield
+    finally:
+        session.timeout = before
+
+
+def hub_call(call, problem: str, then: str = ""):
+    """`call()`; its failure (an HTTP status, the network, offline mode) as one HubError line: `problem`,
+    the reason, `then`."""
+    try:
+        return call()
+    except Exception as e:  # the client's HTTP errors, its HTTP library's network errors, OSError
+        raise HubError(f"{problem}: {short_reason(e)}{then}") from e
+
+
+def short_reason(error: Exception) -> str:
+    """An exception as a short phrase: the HTTP status and the first line of its message, or its type and message."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:200]
+    return f"HTTP {status}: {first}" if status else f"{type(error).__name__}: {first}"
+
+
+def push_command(directory: Path, repo_id: str, private: bool = False) -> str:
+    """The `hf upload` command line that uploads the output folder as `push_folder` does."""
+    excludes = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in UPLOAD_EXCLUDES)
+    command = f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(directory))} . {excludes}"
+    return command + (" --private" if private else "")
+
+
 def push_folder(directory: Path, repo_id: str, private: bool = False, commit_message: str = "llm_rl") -> str:
     """Create the repo if needed and upload the folder (checkpoints excluded). Returns the commit URL.
 
-    The token comes from the usual places (HF_TOKEN, `huggingface-cli login`).
+    The token comes from the usual places (HF_TOKEN, `hf auth login`). A failure is a HubError that says
+    the folder stays and gives the command that uploads it later.
     """
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(directory),
-        commit_message=commit_message,
-        ignore_patterns=["checkpoint-*", ".tmp-*", "*.tmp", "runs/*"],
-    )
+    def upload():
+        api = HfApi()
+        api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message=commit_message,
+                                 ignore_patterns=list(UPLOAD_EXCLUDES))
+
+    info = hub_call(upload, f"upload to {repo_id!r} failed", f"; the model is saved in {directory}; "
+                    f"push it later with: {push_command(directory, repo_id, private)}")
     return str(getattr(info, "commit_url", info))

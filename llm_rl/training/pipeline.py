@@ -17,6 +17,7 @@ from llm_rl.data.prompts import load_eval_prompts, load_prompts
 from llm_rl.models.loading import load_policy, load_reference, load_tokenizer
 from llm_rl.rewards.loading import load_eval_rewards, load_rewards
 from llm_rl.training import output_dir as run_dir
+from llm_rl.training.run import launch_check
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def run_ppo(config: Config, callbacks: Sequence = ()):
     t = config.train
     run_dir.check_reuse(Path(t.output_dir), t.overwrite_output_dir, t.resume_from_checkpoint)  # before any load
     config.check_paths()
+    launch_check(t)  # FSDP/DeepSpeed without GPUs, Hub access: before any load
     set_seed(config.train.seed)  # identical initial weights (value head) on every process
     m = config.model
     tokenizer_name = m.tokenizer_name_or_path or m.model_name_or_path

@@ -37,7 +37,7 @@ from llm_rl.models.loading import add_lora, ensure_distinct_pad, resize_for_toke
 from llm_rl.models.value_head import DTYPES
 from llm_rl.rewards.model import reward_model_text, sequence_scores
 from llm_rl.training import output_dir as run_dir
-from llm_rl.training.run import TrainingRun
+from llm_rl.training.run import TrainingRun, launch_check
 
 __all__ = ["RewardTrainer", "RewardTrainingConfig", "pairwise_loss", "train_reward_model"]
 
@@ -226,6 +226,7 @@ class RewardTrainer(TrainingRun):
             problem = missing_local_path(getattr(config, key), data=key != "model_name_or_path")
             if problem:
                 raise ConfigError(f"{key}: {problem}")
+        launch_check(config)  # FSDP/DeepSpeed without GPUs, Hub access: before the model loads
         super().__init__(config, config, config.gradient_accumulation_steps, accelerator)
         acc = self.accelerator
         set_seed(config.seed)  # the score head starts identical on every process

@@ -1,11 +1,12 @@
 """The run skeleton PPO (`llm_rl.training.ppo_trainer.PPOTrainer`) and reward-model training
 (`llm_rl.training.reward_trainer.RewardTrainer`) share: everything around their training steps.
 
+    launch_check(options)       # before any model loads: FSDP/DeepSpeed need GPUs, Hub push access (rank 0)
     run = Trainer(...)          # TrainingRun.__init__: Accelerator, output folder checked, resume found
     run.prepare_training(...)   # AdamW + warmup schedule, prepared with the model (and data loaders)
     run.start(total)            # trackers, exact resume from a checkpoint, progress bar
     loop: ...; run.log(row); run.save_checkpoint()
-    run.finish()                # model, tokenizer, config, card, optional Hub push, trackers closed
+    run.finish()                # model, tokenizer, config, card, trackers closed, optional Hub push last
 
 A subclass sets the class attributes below and writes the model (`write_model`), its card
 (`model_card`), and any state of its own a checkpoint must carry (`checkpoint_state` /
@@ -46,6 +47,7 @@ class TrainingRun:
 
     def __init__(self, config, options, gradient_accumulation_steps: int, accelerator: Optional[Accelerator] = None):
         self.config, self.options = config, options
+        check_sharding_device(accelerator.distributed_type if accelerator else None)
         self.accelerator = accelerator or new_accelerator(
             log_with=None if options.report_to == "none" else options.report_to,
             project_dir=options.output_dir,
@@ -165,14 +167,14 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             rows = read_metrics(self.output_dir / run_dir.METRICS_FILE)  # also those before a resume
             self.write_reports(latest_values(rows))
-            if self.options.push_to_hub:
-                from llm_rl.reporting.hub import push_folder
-
-                url = push_folder(self.output_dir, self.options.hub_model_id, self.options.hub_private_repo,
-                                  self.hub_commit_message)
-                print(f"[llm_rl] pushed {self.output_dir} to {url}")
         if self.trackers_on:
             self.accelerator.end_training()
+        if self.options.push_to_hub and self.accelerator.is_main_process:  # last: a failed upload keeps the rest
+            from llm_rl.reporting.hub import push_folder
+
+            url = push_folder(self.output_dir, self.options.hub_model_id, self.options.hub_private_repo,
+                              self.hub_commit_message)
+            print(f"[llm_rl] pushed {self.output_dir} to {url}")
 
     # ================================================================== checkpoints
     def save_checkpoint(self) -> Path:
@@ -246,6 +248,44 @@ class TrainingRun:
     def write_reports(self, metrics: dict) -> None:
         """Main process: the files that describe the run beside the model; here its card."""
         self.model_card(metrics).save(self.output_dir / "README.md")
+
+
+def launch_check(options) -> None:
+    """Before any model loads: refuse FSDP or DeepSpeed on a machine without GPUs, and with push_to_hub
+    check the token, the network and the repo (`llm_rl.reporting.hub.check_push_access`) on the main process
+    only: RANK 0 of a launch (the others skip it, without a collective; a failed rank 0 ends the launch)."""
+    check_sharding_device(None)
+    if options.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        from llm_rl.reporting.hub import check_push_access
+
+        check_push_access(options.hub_model_id, private=options.hub_private_repo)
+
+
+# accelerate's sharded engines: the variable its launcher sets, and why they cannot run on the CPU
+SHARDED_ENGINES = {
+    DistributedType.FSDP: ("ACCELERATE_USE_FSDP", "FSDP", "accelerate's FSDP cannot run on CPU (sync_module_states "
+                           "is not supported on cpu, and without it accelerate falls back to DDP)"),
+    DistributedType.DEEPSPEED: ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", "llm_rl runs accelerate's DeepSpeed "
+                                "engine on GPUs only (not tried on CPU)"),
+}
+
+
+def sharding_refusal(env, distributed_type: Optional[DistributedType], has_gpu: bool) -> Optional[str]:
+    """The line refusing FSDP or DeepSpeed (named by accelerate's launcher variables in `env`, or by an
+    Accelerator's `distributed_type`) without a GPU; None when there is one or neither is asked for."""
+    if has_gpu:
+        return None
+    for kind, (variable, name, why) in SHARDED_ENGINES.items():
+        if distributed_type == kind or env.get(variable, "").lower() in ("true", "1", "yes"):
+            return (f"{name} needs GPUs: {why}; use accelerate_configs/cpu.yaml (DDP over gloo, "
+                    "--num_processes N) on this machine")
+    return None
+
+
+def check_sharding_device(distributed_type: Optional[DistributedType]) -> None:
+    problem = sharding_refusal(os.environ, distributed_type, torch.accelerator.is_available())
+    if problem:
+        raise ConfigError(problem)
 
 
 def new_accelerator(**kwargs) -> Accelerator:

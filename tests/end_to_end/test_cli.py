@@ -201,6 +201,23 @@ def test_an_output_folder_holding_a_run_is_refused_before_the_model_is_looked_at
     assert "architectures: []" in result.stdout  # no model class was even imported
 
 
+@pytest.mark.parametrize("command", ["ppo", "reward train"])
+def test_push_to_hub_offline_is_one_line_before_the_model_is_looked_at(tmp_path, tiny_model_dir, command):
+    """HF_HUB_OFFLINE=1 (offline_env): the push cannot happen, and the run says so before it loads anything."""
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n")
+    result = run_entry([*command.split(), "--config", str(config), "--push_to_hub", "true", "--hub_model_id", "me/x"],
+                       tmp_path)
+    assert "exit 2" in result.stdout, explain(result)
+    assert result.stderr.strip().splitlines() == [
+        "llm-rl: hub error: push_to_hub to 'me/x': HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, "
+        "or set push_to_hub: false and upload the output folder later with `hf upload` "
+        "(--debug or LLM_RL_DEBUG=1 shows the traceback)"], explain(result)
+    assert "architectures: []" in result.stdout  # no model class was even imported
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_environment_exception_is_one_line_naming_the_class_and_method(tmp_path, tiny_model_dir):
     env_file = tmp_path / "my_env.py"
     env_file.write_text(textwrap.dedent("""

@@ -9,10 +9,22 @@ only rank 0 prints and writes files.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
-from conftest import RANK_REPORT_DRIVER, explain, launch_two_processes, read_jsonl, write_jsonl
+from conftest import (
+    RANK_REPORT_DRIVER,
+    REPO,
+    explain,
+    free_port,
+    launch_two_processes,
+    offline_env,
+    read_jsonl,
+    write_jsonl,
+)
 
 UPDATES = 2
 
@@ -94,3 +106,35 @@ def test_recipe_logs_global_means_and_only_rank0_writes(setup):
     key = "reward/rank_score"
     assert [row.get(key) for row in rows] == [0.5] * UPDATES, [{k: v for k, v in r.items() if "reward" in k}
                                                                 for r in rows]
+
+
+# ---------------------------------------------------------------- refused before any model loads, on every rank
+def launch_with(config_file: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file accelerate_configs/<config_file> --num_processes 2 -m llm_rl.cli ARGS`."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config_file}",
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+               "-m", "llm_rl.cli", *args]
+    return subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="FSDP is allowed on GPUs")
+def test_fsdp_yaml_on_the_cpu_is_refused_in_one_line(setup, tmp_path):
+    out = tmp_path / "out"
+    proc = launch_with("fsdp.yaml", ["ppo", "--config", str(setup / "ddp.yaml"), "--output_dir", str(out)], tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("llm-rl:")]
+    assert proc.returncode != 0 and lines == [
+        "llm-rl: config error: FSDP needs GPUs: accelerate's FSDP cannot run on CPU (sync_module_states is not "
+        "supported on cpu, and without it accelerate falls back to DDP); use accelerate_configs/cpu.yaml "
+        "(DDP over gloo, --num_processes N) on this machine"] * 2, explain(proc)  # each rank says it
+    assert "sync_module_states=True" not in proc.stderr and not out.exists()
+
+
+def test_a_push_that_cannot_happen_stops_two_ranks_with_rank_0s_line(setup, tmp_path):
+    """Rank 0 alone asks the Hub (no collective to wait in); its exit ends rank 1 through the launcher."""
+    out = tmp_path / "out"
+    proc = launch_with("cpu.yaml", ["ppo", "--config", str(setup / "ddp.yaml"), "--output_dir", str(out),
+                                    "--push_to_hub", "true", "--hub_model_id", "me/x"], tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("llm-rl:")]
+    assert proc.returncode != 0 and len(lines) == 1, explain(proc)
+    assert lines[0].startswith("llm-rl: hub error: push_to_hub to 'me/x': HF_HUB_OFFLINE is set")
+    assert not out.exists()

@@ -292,26 +292,16 @@ def test_lora_adapter_or_merged_model(rm_yaml, tmp_path, hub_card):
     assert from_adapter == pytest.approx(from_merged, abs=1e-4)  # same seed, same data: the same training
 
 
-def test_push_to_hub_creates_the_repo_and_uploads_the_folder(rm_yaml, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            calls.append(("create_repo", repo_id, kwargs.get("private")))
-            return f"https://huggingface.co/{repo_id}"
-
-        def upload_folder(self, *, repo_id, folder_path, **kwargs):
-            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
-            return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+def test_push_to_hub_creates_the_repo_and_uploads_the_folder(rm_yaml, tmp_path, local_hub):
+    """huggingface_hub's client against a local stand-in for the Hub (tests/local_hub.py)."""
     config = RewardTrainingConfig.from_yaml(rm_yaml, ["--max_steps", "1", "--push_to_hub", "--hub_model_id",
                                                       "me/addition-rm", "--hub_private_repo"])
     train_reward_model(config)
-    assert calls[0] == ("create_repo", "me/addition-rm", True)
-    assert calls[1][:2] == ("upload_folder", "me/addition-rm") and "model.safetensors" in calls[1][2]
+    assert [(c["organization"], c["name"], c["visibility"]) for c in local_hub.created] == [
+        ("me", "addition-rm", "private")] * 2  # checked before the model loaded, and at the upload
+    uploaded = local_hub.uploaded["me/addition-rm"]
+    assert {"model.safetensors", "README.md", "reward_config.yaml"} <= set(uploaded)
+    assert local_hub.contents["model.safetensors"] == (tmp_path / "rm" / "model.safetensors").read_bytes()
     assert "me/addition-rm" in (tmp_path / "rm" / "README.md").read_text()
     with pytest.raises(ConfigError, match="push_to_hub needs hub_model_id"):
         RewardTrainingConfig.from_yaml(rm_yaml, ["--push_to_hub"])

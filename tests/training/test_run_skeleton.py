@@ -101,3 +101,41 @@ def test_reward_run_refuses_a_folder_holding_another_run(tiny_model_dir, tmp_pat
     rows = read_jsonl(out / "metrics.jsonl")
     assert [row["step"] for row in rows] == [2] and (out / "notes.txt").read_text() == "mine"
     assert yaml.safe_load((out / "reward_config.yaml").read_text())["overwrite_output_dir"] is True
+
+
+# ---------------------------------------------------------------- FSDP and DeepSpeed need GPUs
+FSDP_LINE = ("FSDP needs GPUs: accelerate's FSDP cannot run on CPU (sync_module_states is not supported on cpu, "
+             "and without it accelerate falls back to DDP); use accelerate_configs/cpu.yaml (DDP over gloo, "
+             "--num_processes N) on this machine")
+DEEPSPEED_LINE = ("DeepSpeed needs GPUs: llm_rl runs accelerate's DeepSpeed engine on GPUs only (not tried on CPU); "
+                  "use accelerate_configs/cpu.yaml (DDP over gloo, --num_processes N) on this machine")
+
+
+@pytest.mark.parametrize("env, distributed_type, has_gpu, expected", [
+    ({"ACCELERATE_USE_FSDP": "true"}, None, False, FSDP_LINE),  # what `accelerate launch` with fsdp.yaml sets
+    ({"ACCELERATE_USE_FSDP": "true"}, "MULTI_CPU", False, FSDP_LINE),  # fsdp_sync_module_states false: DDP
+    ({}, "FSDP", False, FSDP_LINE),  # an Accelerator built in code
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, None, False, DEEPSPEED_LINE),
+    ({}, "DEEPSPEED", False, DEEPSPEED_LINE),
+    ({"ACCELERATE_USE_FSDP": "true"}, None, True, None),  # on GPUs: accelerate's business
+    ({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_CPU": "true"}, "MULTI_CPU", False, None),  # cpu.yaml
+    ({}, None, False, None),
+])
+def test_fsdp_and_deepspeed_without_a_gpu_are_refused_in_one_line(env, distributed_type, has_gpu, expected):
+    from accelerate.utils import DistributedType
+
+    from llm_rl.training.run import sharding_refusal
+
+    kind = DistributedType(distributed_type) if distributed_type else None
+    assert sharding_refusal(env, kind, has_gpu) == expected
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="FSDP is allowed on GPUs")
+def test_a_reward_run_under_fsdp_on_the_cpu_stops_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          fresh_accelerate_state):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as raised:
+        RewardTrainer(reward_config(tiny_model_dir, tmp_path, out))
+    assert str(raised.value) == FSDP_LINE
+    assert not out.exists()
