@@ -3,12 +3,23 @@ itself where vLLM is installed (the `vllm` marker; `.ci/run` runs them in a venv
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+import yaml
 
-from conftest import build_tokenizer, build_trainer, ppo_config, write_jsonl, write_sevens_reward
+from conftest import (
+    RANK_REPORT_DRIVER,
+    build_tokenizer,
+    build_trainer,
+    explain,
+    launch_two_processes,
+    ppo_config,
+    write_jsonl,
+    write_sevens_reward,
+)
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.sections import Config
 from llm_rl.sampling.vllm import EngineWeights, buckets, engine_length, engine_weight_names
@@ -329,3 +340,25 @@ def test_episodes_first_update_agrees_with_hf(llama_dir, tmp_path):
     for key in ("loss/policy", "loss/value", "grad_norm", "entropy", "episode/return", "episode/turns"):
         assert runs["vllm"][key] == pytest.approx(runs["hf"][key], rel=1e-4, abs=1e-6), key
     assert runs["vllm"]["mismatch/max_abs_logprob_diff"] < 1e-3
+
+
+@pytest.mark.vllm
+def test_two_processes_each_sample_through_their_own_engine(llama_dir, tmp_path):
+    """DDP on 2 CPU processes with rollout_engine: vllm (DDP wraps the model, so the engine is sized from the
+    unwrapped one): each rank builds its engine, both ranks end with the same parameters, and the mismatch between
+    each engine and its rank's policy stays tiny."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    values = dict(model_name_or_path=str(llama_dir), dataset_name=str(prompts), reward_funcs=[write_sevens_reward(tmp_path)],
+                  batch_size=2, num_generations=2, max_new_tokens=8, max_updates=2, learning_rate=1e-3, seed=0,
+                  advantage_estimator="grpo", rollout_engine="vllm", max_prompt_length=16, vllm_kv_cache_gb=1,
+                  progress_bar=False, logging_steps=1)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
+    (tmp_path / "driver.py").write_text(RANK_REPORT_DRIVER)
+    proc = launch_two_processes(str(tmp_path / "driver.py"),
+                                [str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "out")], tmp_path, timeout=420)
+    assert proc.returncode == 0, explain(proc)
+    reports = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["num_processes"] == 2 for r in reports)
+    assert reports[0]["digest"] == reports[1]["digest"]
+    for row in reports[0]["history"]:
+        assert row["mismatch/max_abs_logprob_diff"] < 1e-3 and row["mismatch/over_cap_fraction"] == 0.0
