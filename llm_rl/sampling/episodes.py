@@ -191,7 +191,8 @@ def play_episodes(
     for env, ep in zip(environments, episodes):
         if max_prompt_length is not None and len(ep.prompt) > max_prompt_length:
             raise EpisodeError(
-                f"{type(env).__name__}.reset returned a first observation of {len(ep.prompt)} tokens, over "
+                f"{type(getattr(env, 'environment', env)).__name__}.reset gave a first observation of "
+                f"{len(ep.prompt)} tokens{' (with its tools)' if getattr(env, 'chat_tools', None) else ''}, over "
                 f"max_prompt_length={max_prompt_length}: raise max_prompt_length or shorten it"
             )
     with_logprobs = False

@@ -243,3 +243,58 @@ def test_an_episode_through_hf_generate_with_the_real_template(tokenizer):
     assert ep.prompts[0].startswith('<|system|>{"type": "function"')
     assert exact_sum(ep.prompts, ep.transcripts, [46], environments=[env.environment]) == [1.0]
     assert exact_sum(ep.prompts, ep.transcripts, [47]) == [0.0]
+
+
+class ScriptedEngine:
+    """A `TurnEngine` over `ScriptedTurns`, as `EpisodeSampler` takes one."""
+
+    timing: dict = {}
+
+    def __init__(self, generate_turn):
+        self.generate_turn = generate_turn
+
+    @contextmanager
+    def turns(self):
+        yield self.generate_turn
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_episode_score_is_get_reward_plus_the_reward_functions_given_the_environments(tokenizer):
+    """TRL adds get_reward() (weight 1) to the reward functions, which get the episodes' instances as
+    environments=: here 0.5 (the tool was called with the row's numbers) + 1.0 (46 is the sum) on row 0, and
+    0.0 + 0.0 on row 1 (5+6, but the script adds 12 and 34 and answers 46)."""
+    from accelerate import Accelerator
+
+    from llm_rl.config.sections import Config
+    from llm_rl.rewards.scoring import EnvironmentScorer, RewardScorer
+    from llm_rl.sampling.episodes import EpisodeSampler
+
+    seen = {}
+
+    def exact_sum_noting_environments(prompts, completions, answer, environments, **kwargs):
+        seen["environments"], seen["columns"] = environments, sorted(kwargs)
+        return exact_sum(prompts, completions, answer)
+
+    made = factory(tokenizer)
+    sampler = EpisodeSampler(None, Accelerator(cpu=True), tokenizer, settings(tokenizer), made, 1, max_turns=3,
+                             max_episode_tokens=200, max_prompt_length=1024,
+                             engine=ScriptedEngine(ScriptedTurns(tokenizer, call_then_answer)))
+    rollout = sampler.sample({"rows": [ROW, {"prompt": "What is 5+6?", "a": 5, "b": 6, "answer": 11}]})
+    config = Config()
+    scorer = EnvironmentScorer(RewardScorer([exact_sum_noting_environments], config.reward, config.sampling, "cpu"))
+    scores = scorer.score(rollout)
+    assert [type(e) for e in seen["environments"]] == [Scored, Scored] 
+    assert seen["columns"] == ["a", "b", "completion_ids", "prompt", "prompt_messages"]  # the row's columns too
+    assert scores.per_reward["exact_sum_noting_environments"].tolist() == [1.0, 0.0]
+    assert scores.per_reward["environment"].tolist() == [0.5, 0.0]
+    last = rollout.action_mask.sum(dim=1) - 1  # the last bot token: where both scores sit
+    total = (scores.tokens + torch.nn.functional.one_hot(last, scores.tokens.shape[1]) * scores.sequence[:, None])
+    assert total.sum(dim=1).tolist() == [1.5, 0.0]
+
+
+def test_a_first_observation_over_max_prompt_length_names_the_users_class(tokenizer):
+    with pytest.raises(EpisodeError) as caught:
+        play_episodes(ScriptedTurns(tokenizer, call_then_answer), tokenizer, [factory(tokenizer)()], [ROW],
+                      settings(tokenizer), max_turns=3, max_episode_tokens=200, max_prompt_length=100)
+    assert str(caught.value) == ("Scored.reset gave a first observation of 626 tokens (with its tools), over "
+                                 "max_prompt_length=100: raise max_prompt_length or shorten it")
