@@ -298,3 +298,28 @@ def test_a_first_observation_over_max_prompt_length_names_the_users_class(tokeni
                       settings(tokenizer), max_turns=3, max_episode_tokens=200, max_prompt_length=100)
     assert str(caught.value) == ("Scored.reset gave a first observation of 626 tokens (with its tools), over "
                                  "max_prompt_length=100: raise max_prompt_length or shorten it")
+
+
+def test_readme_example_runs_as_written(tokenizer):
+    """The README's environment_factory class is real code: its tools answer, its mistakes become error
+    text, and get_reward() scores the episode."""
+    import re
+
+    from conftest import REPO
+
+    source = re.search(r"```python\n(# my_tools\.py.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(source, "README.md:my_tools.py", "exec"), namespace)
+    env = factory(tokenizer, cls=namespace["Shop"], max_turns=4)()
+    assert [s["function"]["name"] for s in env.factory.schemas] == ["buy", "price"]
+    row = {"prompt": "Buy as many apples as you can.", "item": "apple", "budget": 10}
+    assert env.reset(row) == [{"role": "user", "content": "Buy as many apples as you can. You have 10 coins."}]
+
+    def call(name, **arguments):
+        return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
+
+    assert env.step(call("price", item="apple"))[0][0]["content"] == "3"
+    too_many = env.step(call("buy", item="apple", count=4))[0][0]
+    assert error_of(too_many) == "ValueError: 4 of apple cost 12, over the budget"
+    assert env.step(call("buy", item="apple", count=3))[0][0]["content"] == "bought 3, 1 coins left"
+    assert env.step("I bought 3 apples.") == (None, 3.0, True)
