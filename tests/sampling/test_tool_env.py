@@ -283,7 +283,7 @@ def test_episode_score_is_get_reward_plus_the_reward_functions_given_the_environ
     config = Config()
     scorer = EnvironmentScorer(RewardScorer([exact_sum_noting_environments], config.reward, config.sampling, "cpu"))
     scores = scorer.score(rollout)
-    assert [type(e) for e in seen["environments"]] == [Scored, Scored] 
+    assert [type(e) for e in seen["environments"]] == [Scored, Scored]
     assert seen["columns"] == ["a", "b", "completion_ids", "prompt", "prompt_messages"]  # the row's columns too
     assert scores.per_reward["exact_sum_noting_environments"].tolist() == [1.0, 0.0]
     assert scores.per_reward["environment"].tolist() == [0.5, 0.0]
