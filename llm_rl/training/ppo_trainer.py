@@ -91,10 +91,12 @@ class PPOTrainer(TrainingRun):
         callbacks: Sequence[TrainerCallback] = (),
         eval_prompts: Optional[PromptData] = None,
         eval_rewards: Optional[list[RewardFn]] = None,
+        environment=None,
     ):
         config.validate()
-        # multi-turn: an environment plays each episode and gives its rewards (llm_rl.sampling.episodes)
-        environment = episode_environment(config, tokenizer)
+        # multi-turn: an environment plays each episode and gives its rewards (llm_rl.sampling.episodes);
+        # `environment`: what `episode_environment` gives, when built before the model loaded
+        environment = episode_environment(config, tokenizer) if environment is None else environment
         if not rewards and (environment is None or not getattr(environment, "has_reward", True)):
             raise ConfigError(
                 "no reward: set reward_model_name_or_path and/or reward_funcs" if environment is None else

@@ -49,3 +49,16 @@ def test_a_factory_without_get_reward_needs_reward_funcs(prepared, tmp_path):
         build_trainer(config, rewards=[])
     assert str(caught.value) == ("environment_factory Calculator has no get_reward() and no reward_funcs are set: "
                                  "nothing scores its episodes")
+
+
+def test_a_broken_tool_class_is_one_line_before_the_model_loads(prepared, tmp_path):
+    (tmp_path / "tools.py").write_text("class Lookup:\n    def reset(self, **row):\n        return None\n\n"
+                                       "    def find(self, key):\n        return key\n")
+    proc = run_cli(["ppo", "--config", str(RECIPE), "--model_name_or_path", str(prepared / "model"),
+                    "--dataset_name", str(prepared / "train.jsonl"), "--output_dir", str(tmp_path / "out"),
+                    "--environment_factory", f"{tmp_path / 'tools.py'}:Lookup"], tmp_path)
+    assert proc.returncode == 2, explain(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("llm-rl: environment error: Lookup.find is a tool (a public method) but cannot be described "
+                                "to the model: Cannot generate JSON schema for find because it has no docstring!")
+    assert "Loading weights" not in proc.stderr + proc.stdout  # refused before the policy loads
