@@ -82,6 +82,9 @@ def tool_schemas(environment) -> list[dict]:
 
     schemas = []
     for name, method in tool_methods(environment).items():
+        if inspect.iscoroutinefunction(method):
+            raise EpisodeError(f"{type(environment).__name__}.{name} is async: tools are called synchronously here "
+                               "(TRL also awaits async ones); make it a plain method")
         try:
             schemas.append(get_json_schema(method))
         except Exception as e:  # DocstringParsingException, TypeHintParsingException: the user's method
@@ -165,6 +168,9 @@ class ToolEnvironmentFactory:
         probe = call_environment(environment_class, "__init__")
         self.schemas = tool_schemas(probe)
         self.has_reward = callable(getattr(probe, "get_reward", None))
+        if inspect.iscoroutinefunction(getattr(probe, "get_reward", None)):
+            raise EpisodeError(f"{self.__name__}.get_reward is async: it is called synchronously here; make it a "
+                               "plain method")
         renders = template_renders_tools(tokenizer)
         self.chat_tools = (self.schemas or None) if renders else None  # None, not []: no tool boilerplate
         self.system = None if renders or not self.schemas else tools_system_message(self.schemas)

@@ -158,6 +158,25 @@ def test_environment_class_mistakes_are_named(tokenizer, tmp_path):
     with pytest.raises(EpisodeError, match=r"has no reset method: it needs reset\(\*\*row\) -> str or None"):
         load_tool_environment(f"{tmp_path / 'envs.py'}:NoReset", tokenizer, max_turns=2, prompt_column="prompt")
 
+    class Waiting(Calculator):
+        async def fetch(self, url: str) -> str:
+            """Fetch a page.
+
+            Args:
+                url: The address.
+            """
+            return url
+
+    with pytest.raises(EpisodeError, match=r"^Waiting.fetch is async: tools are called synchronously here"):
+        factory(tokenizer, cls=Waiting)
+
+    class Judged(Calculator):
+        async def get_reward(self) -> float:
+            return 1.0
+
+    with pytest.raises(EpisodeError, match=r"^Judged.get_reward is async: it is called synchronously here"):
+        factory(tokenizer, cls=Judged)
+
     class Chatty(Calculator):
         def reset(self, **row):
             return ["not", "text"]
