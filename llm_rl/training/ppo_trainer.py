@@ -607,6 +607,7 @@ class PPOTrainer(TrainingRun):
         super().write_reports(metrics)
         plot_training_curves(self.output_dir / run_dir.METRICS_FILE, self.output_dir / "curves.png")
 
+
 def episode_environment(config: Config, tokenizer):
     """What builds one environment per episode: the `environment` class, or the `environment_factory` class
     (TRL's tool-calling shape) under its adapter; None for single-turn runs."""
