@@ -42,6 +42,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "loss_type": ("loss_agg", "token_mean is DAPO/BNPO-style, seq_mean_token_mean is GRPO-style"),
     "scale_rewards": ("whiten_advantages", "grpo always divides by the group std"),
     "n_samples_per_prompt": ("num_generations", ""),
+    "max_tool_calling_iterations": ("max_turns", "max_turns counts every bot turn, the answer after the last tool "
+                                                 "result included: max_tool_calling_iterations + 1"),
     "bf16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision bf16`); "
                             "torch_dtype: bfloat16 is for a frozen LoRA base only (trained weights stay float32)"),
     "fp16": ("torch_dtype", "mixed precision comes from accelerate (`accelerate launch --mixed_precision fp16`)"),

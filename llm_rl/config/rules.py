@@ -133,7 +133,7 @@ def importance_bounds_ok(c) -> bool:
 
 
 def no_environment(c) -> bool:
-    return c.environment.environment is None
+    return not c.environment.plays_episodes
 
 
 # ====================================================================== the PPO config
@@ -225,8 +225,17 @@ PPO_RULES: list[Rule] = [
     Rule("environment_evaluation", lambda c: no_environment(c) or c.eval_dataset is None,
          "held-out evaluation from eval_dataset_name / eval_split scores single responses; with an environment, "
          "evaluate episodes in a callback's on_evaluate (llm_rl/demos/dialogue.py has one)"),
+    Rule("environment_kinds", lambda c: c.environment.environment is None or c.environment.environment_factory is None,
+         lambda c: f"environment ({c.environment.environment!r}) and environment_factory "
+                   f"({c.environment.environment_factory!r}) both name the episodes' environment: keep one "
+                   "(environment: reset(row)/step(response); environment_factory: TRL's tool methods, reset(**row))"),
+    Rule("environment_factory_rewards",
+         lambda c: c.environment.environment_factory is None or c.reward.reward_model_name_or_path is None,
+         "environment_factory episodes are scored by get_reward() and reward_funcs; a reward model is not read on "
+         "tool-calling transcripts: remove reward_model_name_or_path"),
     Rule("environment_rewards",
-         lambda c: no_environment(c) or (c.reward.reward_model_name_or_path is None and not c.reward.reward_funcs),
+         lambda c: c.environment.environment is None
+         or (c.reward.reward_model_name_or_path is None and not c.reward.reward_funcs),
          "an environment gives the rewards of multi-turn episodes: remove reward_funcs / "
          "reward_model_name_or_path, or score inside the environment's step()"),
     Rule("lora_dropout", lambda c: 0 <= c.model.lora_dropout < 1, "lora_dropout must be in [0, 1)"),

@@ -271,7 +271,19 @@ class EnvironmentConfig:
                           "reset(row) -> observation and step(response) -> (observation or None, reward, done); one "
                           "instance per episode, built from each dataset row. Its rewards replace reward_funcs."},
     )
-    max_turns: int = field(default=4, metadata={"help": "Most bot turns per episode."})
+    environment_factory: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tool-calling episodes the TRL way: a class as 'module.path:Class' or 'file.py:Class' whose "
+                          "public methods are the tools (type hints and a Google-style docstring each), with "
+                          "reset(**row) -> str or None and optionally get_reward() -> float; one instance per episode. "
+                          "The reward is get_reward() plus reward_funcs (which get environments=). Not with "
+                          "environment."},
+    )
+    max_turns: int = field(
+        default=4,
+        metadata={"help": "Most bot turns per episode; with environment_factory, TRL's max_tool_calling_iterations "
+                          "+ 1 (the answer after the last tool result is a turn too)."},
+    )
     max_episode_tokens: int = field(
         default=1024, metadata={"help": "No new turn once an episode holds this many tokens after its first observation."}
     )
@@ -279,6 +291,11 @@ class EnvironmentConfig:
         default="turn",
         metadata={"help": "'turn': gamma once per turn boundary, 1 within a turn; 'token': gamma per bot token."},
     )
+
+    @property
+    def plays_episodes(self) -> bool:
+        """An environment (either kind) plays multi-turn episodes and the data are its rows."""
+        return self.environment is not None or self.environment_factory is not None
 
     @property
     def turn_discount(self) -> bool:

@@ -203,7 +203,7 @@ def load_prompts(config: Config, tokenizer) -> PromptData | EpisodeRows:
     if d.dataset_name is None:
         raise ConfigError("dataset_name is not set: give a Hub dataset id or a local .json/.jsonl/.csv/.parquet file")
     dataset = load_prompt_dataset(d.dataset_name, d.dataset_split, d.dataset_config)
-    if config.environment.environment is not None:
+    if config.environment.plays_episodes:
         return EpisodeRows(dataset)
     return PromptData(dataset, tokenizer, d.prompt_column, d.max_prompt_length, d.truncate_prompts)
 

@@ -23,7 +23,7 @@ def load_rewards(config: Config) -> list:
             )
         )
     rewards += [load_reward_function(spec) for spec in r.reward_funcs]
-    if not rewards and config.environment.environment is None:  # an environment gives its own rewards
+    if not rewards and not config.environment.plays_episodes:  # an environment gives its own rewards
         raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs ('module:function')")
     return rewards
 

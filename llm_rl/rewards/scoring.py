@@ -24,14 +24,25 @@ class Scorer(Protocol):
 
 
 class EnvironmentScorer:
-    """Episodes: each turn's reward sits on that turn's last token (`Rollout.turn_scores`)."""
+    """Episodes: each turn's reward sits on that turn's last token (`Rollout.turn_scores`). `rewards`: reward
+    functions that also score each whole episode (environment_factory, as TRL adds them to get_reward()), their
+    weighted, shaped sum on its last bot token."""
+
+    def __init__(self, rewards: Optional[RewardScorer] = None):
+        self.rewards = rewards
 
     def score(self, rollout) -> Scores:
         device = rollout.turn_scores.device
+        environment = rollout.turn_scores.sum(dim=1)
+        if self.rewards is not None:
+            scores = self.rewards.score(rollout)
+            tokens = rollout.turn_scores if scores.tokens is None else scores.tokens + rollout.turn_scores
+            return dataclasses.replace(scores, tokens=tokens, per_reward={**scores.per_reward, "environment": environment},
+                                       means={**scores.means, "environment": float(environment.mean())})
         return Scores(
             sequence=torch.zeros(len(rollout), device=device), tokens=rollout.turn_scores,
             valid=torch.ones(len(rollout), dtype=torch.bool, device=device),
-            per_reward={"environment": rollout.turn_scores.sum(dim=1)}, means={},
+            per_reward={"environment": environment}, means={},
         )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Protocol, Union
 
 import torch
@@ -66,14 +67,15 @@ class Episodes:
 class _Conversation:
     """One episode's tokens so far and how to append observations (plain text or chat template)."""
 
-    def __init__(self, tokenizer, first: Observation):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, first: Observation, tools: Optional[list] = None):
+        self.tokenizer, self.tools = tokenizer, tools  # tools: JSON schemas for the chat template, or None
         self.chat = isinstance(first, list)
         if self.chat:
             if tokenizer.chat_template is None:
                 raise EpisodeError("the environment returns chat messages but the tokenizer has no chat_template")
             self.messages = list(first)
-            self.prompt_text = tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+            self.prompt_text = tokenizer.apply_chat_template(self.messages, tools=tools, tokenize=False,
+                                                             add_generation_prompt=True)
             self.prompt = tokenizer(self.prompt_text, add_special_tokens=False).input_ids
         else:
             self.prompt_text = str(first)
@@ -112,11 +114,12 @@ class _Conversation:
         if not self.chat:
             return self.tokenizer(str(observation), add_special_tokens=False).input_ids
         new = [{"role": "user", "content": observation}] if isinstance(observation, str) else list(observation)
-        before = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        render = partial(self.tokenizer.apply_chat_template, tools=self.tools, tokenize=False)
+        before = render(self.messages, add_generation_prompt=True)
         self.messages.append({"role": "assistant", "content": self.response_text})
-        with_reply = self.tokenizer.apply_chat_template(self.messages, tokenize=False)
+        with_reply = render(self.messages)
         self.messages += new
-        after = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        after = render(self.messages, add_generation_prompt=True)
         # the template's rendering of the reply may close it with more than the stop token the policy
         # emitted (Qwen: "<|im_end|>\n"); what the policy did not write belongs to the observation
         generated = self.tokenizer.decode(self.response_ids, skip_special_tokens=False)
@@ -125,14 +128,14 @@ class _Conversation:
         return self.tokenizer(leftover + after[len(with_reply):], add_special_tokens=False).input_ids
 
 
-def call_environment(environment, method: str, *args):
-    """`environment.<method>(*args)` (or, for "__init__", the class `environment` called): an exception
+def call_environment(environment, method: str, *args, **kwargs):
+    """`environment.<method>(*args, **kwargs)` (or, for "__init__", the class `environment` called): an exception
     raised by the user's code becomes one EpisodeError line naming the class and the method (--debug
     shows its traceback, which is the error's cause)."""
     is_class = method == "__init__"
     name = environment.__name__ if is_class else type(environment).__name__
     try:
-        return environment(*args) if is_class else getattr(environment, method)(*args)
+        return environment(*args, **kwargs) if is_class else getattr(environment, method)(*args, **kwargs)
     except UserError:
         raise
     except Exception as e:  # the user's code: any exception is theirs to fix
@@ -182,11 +185,14 @@ def play_episodes(
 ) -> Episodes:
     """Play one episode per environment, all turns of all episodes batched: each turn, the episodes
     still running generate together (one `generate_turn` call), then each environment answers."""
-    episodes = [_Conversation(tokenizer, call_environment(env, "reset", row)) for env, row in zip(environments, rows)]
+    # an environment may carry tool schemas for the chat template (`llm_rl.sampling.tool_env.ToolEnvironment`)
+    episodes = [_Conversation(tokenizer, call_environment(env, "reset", row), getattr(env, "chat_tools", None))
+                for env, row in zip(environments, rows)]
     for env, ep in zip(environments, episodes):
         if max_prompt_length is not None and len(ep.prompt) > max_prompt_length:
             raise EpisodeError(
-                f"{type(env).__name__}.reset returned a first observation of {len(ep.prompt)} tokens, over "
+                f"{type(getattr(env, 'environment', env)).__name__}.reset gave a first observation of "
+                f"{len(ep.prompt)} tokens{' (with its tools)' if getattr(env, 'chat_tools', None) else ''}, over "
                 f"max_prompt_length={max_prompt_length}: raise max_prompt_length or shorten it"
             )
     with_logprobs = False
@@ -275,8 +281,15 @@ class EpisodeSampler:
             episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.action_mask, episodes.ended,
             response_mask=episodes.response_mask, turn_ends=episodes.turn_ends, num_turns=episodes.num_turns,
             turn_scores=episodes.turn_scores, prompts=episodes.prompts, completions=episodes.transcripts,
-            sampler_logprobs=episodes.sampler_logprobs,
+            sampler_logprobs=episodes.sampler_logprobs, columns=episode_columns(rows, environments),
         )
+
+
+def episode_columns(rows: list[dict], environments: list) -> dict:
+    """What reward functions get as keywords beside prompts and completions: each dataset column, one value per
+    episode, and `environments` (TRL's name): the instance that played it, the user's own object under an adapter."""
+    columns = {c: [row.get(c) for row in rows] for c in rows[0]} if rows else {}
+    return {**columns, "environments": [getattr(env, "environment", env) for env in environments]}
 
 
 def load_environment(spec: str) -> type:

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def run_ppo(config: Config, callbacks: Sequence = ()):
     """Load everything the config names and train (with `llm_rl.training.callbacks.TrainerCallback`s); returns the
     trainer and per-update metrics."""
-    from llm_rl.training.ppo_trainer import PPOTrainer
+    from llm_rl.training.ppo_trainer import PPOTrainer, episode_environment
 
     config.validate()
     t = config.train
@@ -40,6 +40,7 @@ def run_ppo(config: Config, callbacks: Sequence = ()):
     with loading("reward_model_name_or_path", config.reward.reward_model_name_or_path):
         rewards = load_rewards(config)
     prompts = load_prompts(config, tokenizer)
+    environment = episode_environment(config, tokenizer)  # a broken environment class: before the model loads
     with loading("model_name_or_path", m.model_name_or_path):
         policy = load_policy(config, tokenizer)
     with loading("ref_model_name_or_path", m.ref_model_name_or_path):
@@ -47,6 +48,7 @@ def run_ppo(config: Config, callbacks: Sequence = ()):
     trainer = PPOTrainer(
         config, policy, tokenizer, prompts, rewards, ref_model=reference, callbacks=callbacks,
         eval_prompts=load_eval_prompts(config, tokenizer), eval_rewards=load_eval_rewards(config),
+        environment=environment,
     )
     history = trainer.train()
     return trainer, history

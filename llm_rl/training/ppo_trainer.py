@@ -53,6 +53,7 @@ from llm_rl.sampling.episodes import EpisodeSampler, load_environment
 from llm_rl.sampling.hf import HFSampler
 from llm_rl.sampling.rollout import Rollout, bootstrap_values, logprobs_and_values
 from llm_rl.sampling.sampler import Sampler, SamplingSettings
+from llm_rl.sampling.tool_env import load_tool_environment
 from llm_rl.training import output_dir as run_dir
 from llm_rl.training.callbacks import TrainerCallback
 from llm_rl.training.evaluation import Evaluator
@@ -90,15 +91,19 @@ class PPOTrainer(TrainingRun):
         callbacks: Sequence[TrainerCallback] = (),
         eval_prompts: Optional[PromptData] = None,
         eval_rewards: Optional[list[RewardFn]] = None,
+        environment=None,
     ):
         config.validate()
-        # multi-turn: an environment plays each episode and gives its rewards (llm_rl.sampling.episodes)
-        spec = config.environment.environment
-        environment = load_environment(spec) if spec is not None else None
-        if not rewards and environment is None:
-            raise ConfigError("no reward: set reward_model_name_or_path and/or reward_funcs")
-        if rewards:
-            check_rewards(rewards, list(prompts.columns))
+        # multi-turn: an environment plays each episode and gives its rewards (llm_rl.sampling.episodes);
+        # `environment`: what `episode_environment` gives, when built before the model loaded
+        environment = episode_environment(config, tokenizer) if environment is None else environment
+        if not rewards and (environment is None or not getattr(environment, "has_reward", True)):
+            raise ConfigError(
+                "no reward: set reward_model_name_or_path and/or reward_funcs" if environment is None else
+                f"environment_factory {environment.__name__} has no get_reward() and no reward_funcs are set: "
+                "nothing scores its episodes")
+        if rewards:  # episodes' reward functions also get the instances that played them (TRL's environments=)
+            check_rewards(rewards, list(prompts.columns) + (["environments"] if environment is not None else []))
         self.evaluator = None
         if eval_prompts is not None:  # the training rewards and weights unless eval rewards are given
             check_rewards(eval_rewards or rewards, list(eval_prompts.columns))
@@ -128,8 +133,9 @@ class PPOTrainer(TrainingRun):
         self.uses_reference = ppo.kl_coef > 0 or ppo.adaptive_kl
         self._prepare_models(policy, ref_model)
         self.sampler = self._build_sampler(environment)
-        self.scorer = (EnvironmentScorer() if environment is not None
-                       else RewardScorer(rewards, config.reward, config.sampling, self.accelerator.device, prefix_model))
+        reward_scorer = (RewardScorer(rewards, config.reward, config.sampling, self.accelerator.device, prefix_model)
+                         if rewards else None)
+        self.scorer = EnvironmentScorer(reward_scorer) if environment is not None else reward_scorer
         self.kl_controller = (
             AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
             else FixedKLController(ppo.kl_coef)
@@ -600,6 +606,19 @@ class PPOTrainer(TrainingRun):
     def write_reports(self, metrics: dict) -> None:
         super().write_reports(metrics)
         plot_training_curves(self.output_dir / run_dir.METRICS_FILE, self.output_dir / "curves.png")
+
+
+def episode_environment(config: Config, tokenizer):
+    """What builds one environment per episode: the `environment` class, or the `environment_factory` class
+    (TRL's tool-calling shape) under its adapter; None for single-turn runs."""
+    env = config.environment
+    if env.environment is not None:
+        return load_environment(env.environment)
+    if env.environment_factory is not None:
+        return load_tool_environment(env.environment_factory, tokenizer, max_turns=env.max_turns,
+                                     prompt_column=config.data.prompt_column)
+    return None
+
 
 def check_master_weights(policy: CausalLMWithValueHead) -> None:
     """Refuse to train weights stored in half precision: an AdamW step of lr ~1e-6 is far below

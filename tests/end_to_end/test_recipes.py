@@ -18,7 +18,7 @@ PPO_CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml")) + [
 def test_ppo_configs_validate(path):
     config = Config.from_yaml(path)
     assert config.model.model_name_or_path and config.data.dataset_name
-    assert config.reward.reward_funcs or config.reward.reward_model_name_or_path or config.environment.environment
+    assert config.reward.reward_funcs or config.reward.reward_model_name_or_path or config.environment.plays_episodes
 
 
 def test_addition_recipe_is_the_demo_run():
