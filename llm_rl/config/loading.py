@@ -60,9 +60,11 @@ def coerce(value: Any, field_type: Any, key: str, source: str) -> Any:
         if typing.get_origin(field_type) is list or field_type is list:
             if isinstance(value, str):
                 value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
+            (item_type,) = typing.get_args(field_type) or (None,)
+            if item_type in (int, float) and isinstance(value, (int, float)):
+                value = [value]  # one number is a list of one (`reward_weights: 1`)
             if not isinstance(value, (list, tuple)):
                 raise ValueError
-            (item_type,) = typing.get_args(field_type) or (None,)
             return [coerce(v, item_type, key, source) for v in value] if item_type else list(value)
     except ConfigError:  # an item's own message (e.g. the allowed values) says more than "expects list"
         raise

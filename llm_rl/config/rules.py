@@ -99,6 +99,10 @@ def n_rewards(c) -> int:
     return int(c.reward.reward_model_name_or_path is not None) + len(c.reward.reward_funcs)
 
 
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def bad_reward_specs(c) -> list:
     r = c.reward
     return [spec for spec in r.reward_funcs + (r.eval_reward_funcs or []) if not isinstance(spec, str) or ":" not in spec]
@@ -245,8 +249,9 @@ PPO_RULES: list[Rule] = [
 PPO_REWARD_RULES: list[Rule] = [
     Rule("reward_weights_count",
          lambda c: c.reward.reward_weights is None or len(c.reward.reward_weights) == n_rewards(c),
-         lambda c: f"reward_weights has {len(c.reward.reward_weights)} entries but there are {n_rewards(c)} rewards "
-                   "(the reward model first, then reward_funcs in order)"),
+         lambda c: f"reward_weights has {plural(len(c.reward.reward_weights), 'entry', 'entries')} but there "
+                   f"{'is' if n_rewards(c) == 1 else 'are'} {plural(n_rewards(c), 'reward', 'rewards')} "
+                   "(the reward model first, then reward_funcs in order): give one weight per reward"),
     Rule("reward_funcs_specs", lambda c: not bad_reward_specs(c),
          lambda c: f"reward_funcs entry {bad_reward_specs(c)[0]!r} must look like 'package.module:function'"),
 ]

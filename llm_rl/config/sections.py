@@ -175,7 +175,8 @@ class RewardConfig:
     )
     reward_funcs: list[str] = field(
         default_factory=list,
-        metadata={"help": "Reward functions as 'module.path:function', each (prompts, completions, **columns)."},
+        metadata={"help": "Reward functions as 'module.path:function', called as TRL calls them: "
+                          "f(prompts=, completions=, **columns) (+ completion_ids, trainer_state if taken)."},
     )
     reward_weights: Optional[list[float]] = field(
         default=None, metadata={"help": "One weight per reward (model first, then functions); default all 1."}

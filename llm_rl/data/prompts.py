@@ -63,11 +63,32 @@ def load_data_file(path: Path):
     return dataset
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: list, column: str, row: int) -> None:
+    """Chat messages as chat templates read them: each a dict with 'role' (one of CHAT_ROLES) and 'content'.
+    A misspelt role or key would otherwise render as an empty prompt and train on nothing."""
+    where = f"row {row}: column '{column}'"
+    if not messages:
+        raise DataError(f"{where} is an empty list of chat messages; give at least one message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where} message {i} is a {type(message).__name__}; each message is a dict with "
+                            "'role' and 'content'")
+        keys = sorted(k for k, v in message.items() if v is not None)  # datasets fills other rows' keys with None
+        if "role" not in keys or "content" not in keys:
+            raise DataError(f"{where} message {i} has keys {keys}; each message needs 'role' and 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(f"{where} message {i} has role {message['role']!r}; the roles are {', '.join(CHAT_ROLES)}")
+
+
 def render_prompt(value, tokenizer, column: str, row: int) -> str:
     """A prompt string, or chat messages rendered with the tokenizer's chat template."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        check_messages(value, column, row)
         if tokenizer.chat_template is None:
             raise DataError(
                 f"row {row}: column '{column}' holds chat messages but the tokenizer has no chat_template; "

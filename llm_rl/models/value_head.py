@@ -281,6 +281,7 @@ class CausalLMWithValueHead(nn.Module):
         **kwargs,
     ) -> CausalLMWithValueHead:
         """Load a causal LM by Hub id or folder; restore `value_head.safetensors` if it is there."""
+        check_causal_lm(name_or_path, trust_remote_code)
         lm, info = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code, output_loading_info=True,
             **kwargs,
@@ -297,6 +298,30 @@ class CausalLMWithValueHead(nn.Module):
         if value_head and head_file is not None:
             model.v_head.load_state_dict(load_file(head_file))
         return model
+
+
+def check_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Refuse, from its config and before any weights load, a checkpoint that is not a decoder-only causal LM.
+    AutoModelForCausalLM would load a BERT (as BertLMHeadModel, a fresh decoder it was never trained as): that
+    policy would train on nonsense without a word."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    kind = config.model_type
+    if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return
+    encoder = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder:
+        return
+    what = ("an encoder-decoder" if getattr(config, "is_encoder_decoder", False)
+            else "an encoder (masked LM)" if encoder else "a model AutoModelForCausalLM cannot load")
+    architectures = ", ".join(config.architectures or []) or "no architectures listed"
+    raise ModelLoadError(f"{name_or_path} is a {kind!r} model ({architectures}), {what}, not a causal LM; the policy "
+                         "and the reference need a decoder-only causal LM (Llama, Qwen2, Gemma, Mistral, GPT-2, ...)")
 
 
 def fuse_tanh_gelu(model: nn.Module) -> int:

@@ -92,6 +92,8 @@ class RewardModel:
     score at the last real token (`sequence_scores`), whatever the pad token is.
     """
 
+    reads_text = True  # compute_rewards gives it the rendered prompt texts and completion strings (and prompt_messages)
+
     def __init__(self, model, tokenizer, batch_size: int = 32, max_length: Optional[int] = None):
         if model.config.num_labels != 1:
             raise RewardError(f"a reward model needs one output (num_labels=1), this one has {model.config.num_labels}")

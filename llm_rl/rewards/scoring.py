@@ -15,12 +15,12 @@ import torch
 
 from llm_rl.algorithms.scores import Scores, shape_scores
 from llm_rl.config.errors import ConfigError
-from llm_rl.rewards.functions import RewardFn, compute_rewards
+from llm_rl.rewards.functions import RewardFn, TrainerState, compute_rewards
 from llm_rl.rewards.model import RewardModel, prefix_scores
 
 
 class Scorer(Protocol):
-    def score(self, rollout) -> Scores: ...
+    def score(self, rollout, state: Optional[TrainerState] = None) -> Scores: ...
 
 
 class EnvironmentScorer:
@@ -31,11 +31,11 @@ class EnvironmentScorer:
     def __init__(self, rewards: Optional[RewardScorer] = None):
         self.rewards = rewards
 
-    def score(self, rollout) -> Scores:
+    def score(self, rollout, state: Optional[TrainerState] = None) -> Scores:
         device = rollout.turn_scores.device
         environment = rollout.turn_scores.sum(dim=1)
         if self.rewards is not None:
-            scores = self.rewards.score(rollout)
+            scores = self.rewards.score(rollout, state)
             tokens = rollout.turn_scores if scores.tokens is None else scores.tokens + rollout.turn_scores
             return dataclasses.replace(scores, tokens=tokens, per_reward={**scores.per_reward, "environment": environment},
                                        means={**scores.means, "environment": float(environment.mean())})
@@ -55,14 +55,15 @@ class RewardScorer:
         self.rewards, self.reward, self.sampling, self.device = list(rewards), reward, sampling, device
         self.prefix_model = prefix_model
 
-    def score(self, rollout) -> Scores:
+    def score(self, rollout, state: Optional[TrainerState] = None) -> Scores:
+        """`state`: what the rewards see as trainer_state (updates done and planned)."""
         reward = self.reward
         lengths = rollout.action_mask.sum(dim=1).tolist()
         raw = compute_rewards(
             self.rewards, reward.reward_weights, rollout.prompts, rollout.completions, rollout.columns,
             prompt_messages=rollout.prompt_messages,
             completion_ids=[row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)],
-            skip_invalid=reward.skip_invalid_rewards,
+            skip_invalid=reward.skip_invalid_rewards, trainer_state=state,
         )
         sequence = shape_scores(raw.sequence.to(self.device), rollout.ended, scale=reward.reward_scale,
                                 clip=reward.reward_clip, missing_eos_penalty=self.sampling.missing_eos_penalty)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from llm_rl.data.prompts import PromptData
-from llm_rl.rewards.functions import RewardFn, compute_rewards, reward_name
+from llm_rl.rewards.functions import RewardFn, TrainerState, compute_rewards, reward_name
 from llm_rl.sampling.hf import generate_responses, generating
 from llm_rl.sampling.rollout import decode_responses
 
@@ -63,7 +63,7 @@ class Evaluator:
                 result = compute_rewards(
                     self.rewards, self.weights, batch["prompts"], decode_responses(trainer.tokenizer, ids, mask, ended),
                     batch["columns"], completion_ids=[row[:n] for row, n in zip(ids.tolist(), lengths.tolist())],
-                    prompt_messages=batch.get("prompt_messages"),
+                    prompt_messages=batch.get("prompt_messages"), trainer_state=TrainerState(trainer.update, trainer.num_updates),
                 )
                 totals["rows"] += len(lengths)
                 totals["score"] += result.sequence.sum()

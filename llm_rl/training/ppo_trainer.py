@@ -1,7 +1,7 @@
 """PPOTrainer: the loop. Each phase is one short method that returns a value; the maths are pure functions.
 
     rollout = self.sampler.sample(batch)             # 1. Rollout: sampled token ids, masks, texts
-    scores = self.scorer.score(rollout)              # 2. Scores: every reward, shaped
+    scores = self.scorer.score(rollout, state)       # 2. Scores: every reward, shaped (state: updates done)
     rollout = self.old_and_reference(rollout)        # 3. old policy's log-probs + values, the reference's
     rollout, forward = self.fused_old_policy(rollout)  #   (fused update: the first training forward is the old policy)
     targets = self.targets(rollout, scores)          # 4. Targets: KL, token rewards, advantages, returns
@@ -47,7 +47,7 @@ from llm_rl.models.value_head import (
 from llm_rl.reporting.hub import model_card
 from llm_rl.reporting.metrics import log_table, write_completions
 from llm_rl.reporting.plotting import plot_training_curves
-from llm_rl.rewards.functions import RewardFn, check_rewards
+from llm_rl.rewards.functions import RewardFn, TrainerState, check_rewards
 from llm_rl.rewards.scoring import EnvironmentScorer, RewardScorer, prefix_reward_model
 from llm_rl.sampling.episodes import EpisodeSampler, load_environment
 from llm_rl.sampling.hf import HFSampler
@@ -244,7 +244,7 @@ class PPOTrainer(TrainingRun):
                 rollout = self.sampler.sample(self.prompts.batch(next(batches)))  # 1. token ids, masks, texts
             timing.update(getattr(self.sampler, "timing", {}))  # an engine's own phases (vllm: time/weight_sync)
             with self.phase(timing, "time/reward"):
-                scores = self.scorer.score(rollout)  # 2. rewards -> scores
+                scores = self.scorer.score(rollout, TrainerState(self.update, self.num_updates))  # 2. rewards -> scores
             with self.phase(timing, "time/forward"):
                 rollout = self.old_and_reference(rollout)  # 3. old policy (unless fused) and reference, no grad
             with self.phase(timing, "time/train"):

@@ -343,3 +343,12 @@ def test_reward_training_scheduler_is_typed():
     with pytest.raises(ConfigError, match="'lr_scheduler_type' is one of constant, linear, cosine; got 'step'"):
         RewardTrainingConfig.from_yaml(None, ["--model_name_or_path", "m", "--dataset_name", "d",
                                               "--lr_scheduler_type", "step"])
+
+
+def test_one_reward_weight_may_be_a_number():
+    base = {"model_name_or_path": "m", "dataset_name": "d"}
+    assert Config.from_dict({**base, "reward_funcs": ["a:b"], "reward_weights": 2}).reward.reward_weights == [2.0]
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({**base, "reward_funcs": ["a:b", "c:d"], "reward_weights": 1}).validate()
+    assert str(e.value).endswith("reward_weights has 1 entry but there are 2 rewards (the reward model first, then "
+                                 "reward_funcs in order): give one weight per reward")

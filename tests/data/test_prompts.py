@@ -151,6 +151,25 @@ def test_chat_messages_without_template(tiny_tokenizer):
     assert "row 0" in str(e.value)
 
 
+@pytest.mark.parametrize("rows, message", [
+    ([[{"role": "usr", "content": "1+2"}]],
+     "row 0: column 'messages' message 0 has role 'usr'; the roles are system, user, assistant, tool"),
+    ([[{"role": "user", "text": "1+2"}]],
+     "row 0: column 'messages' message 0 has keys ['role', 'text']; each message needs 'role' and 'content'"),
+    # datasets gives every row the keys of all rows: the 'text' row's content is None, not missing
+    ([[{"role": "user", "content": "1+2"}], [{"role": "system", "content": "9"}, {"role": "user", "text": "3"}]],
+     "row 1: column 'messages' message 1 has keys ['role', 'text']; each message needs 'role' and 'content'"),
+    ([[{"from": "human", "value": "1+2"}]],
+     "row 0: column 'messages' message 0 has keys ['from', 'value']; each message needs 'role' and 'content'"),
+])
+def test_misspelt_chat_messages_name_the_row_and_message(tiny_tokenizer, rows, message):
+    """A role or key a chat template does not read would render as an empty prompt: refused at load."""
+    tiny_tokenizer.chat_template = CHAT_TEMPLATE
+    with pytest.raises(DataError) as e:
+        PromptData(dataset({"messages": rows}), tiny_tokenizer, prompt_column="messages")
+    assert str(e.value) == message
+
+
 def test_prompt_of_the_wrong_type(tiny_tokenizer):
     with pytest.raises(DataError, match="row 0"):
         PromptData(dataset({"prompt": [[1, 2, 3]]}), tiny_tokenizer)

@@ -146,3 +146,38 @@ def test_reloaded_policy_matches_the_checkpoint(tiny_model_dir):
     with pytest.raises(ModelLoadError, match="would start random"):
         CausalLMWithValueHead.from_pretrained(str(tiny_model_dir), config=GPT2Config(
             vocab_size=15, n_positions=32, n_embd=32, n_layer=3, n_head=2))
+
+
+@pytest.mark.parametrize("family, message", [
+    ("bert", "is a 'bert' model (BertForMaskedLM), an encoder (masked LM), not a causal LM"),
+    ("bart", "is a 'bart' model (BartForConditionalGeneration), an encoder-decoder, not a causal LM"),
+    ("t5", "is a 't5' model (T5ForConditionalGeneration), an encoder-decoder, not a causal LM"),
+])
+def test_a_checkpoint_that_is_not_a_causal_lm_is_refused_from_its_config(tmp_path, family, message):
+    """AutoModelForCausalLM would load a BERT as a fresh BertLMHeadModel decoder: refused before any weights load
+    (the folder holds only config.json)."""
+    from transformers import BartConfig, BertConfig, T5Config
+
+    from llm_rl.config.errors import ModelLoadError
+    from llm_rl.models.value_head import CausalLMWithValueHead
+
+    small = dict(vocab_size=32, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    config = {"bert": lambda: BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, architectures=["BertForMaskedLM"]),
+              "bart": lambda: BartConfig(vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1,
+                                         architectures=["BartForConditionalGeneration"]),
+              "t5": lambda: T5Config(**small, architectures=["T5ForConditionalGeneration"])}[family]()
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as e:
+        CausalLMWithValueHead.from_pretrained(str(tmp_path))
+    assert message in str(e.value) and "decoder-only causal LM" in str(e.value)
+
+
+def test_a_bert_trained_as_a_decoder_is_a_causal_lm(tmp_path):
+    from transformers import BertConfig
+
+    from llm_rl.models.value_head import check_causal_lm
+
+    BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               is_decoder=True, architectures=["BertLMHeadModel"]).save_pretrained(tmp_path)
+    check_causal_lm(str(tmp_path))  # is_decoder: what BertLMHeadModel was trained as

@@ -59,7 +59,9 @@ def bad_reward(output):
         ([1.0, math.nan, 0.0], "NaN"),
         ([1.0, 0.0, math.inf], "inf"),
         ([1.0, 2.0], "2 scores for 3"),
-        (["good", "bad", "ugly"], "one float per completion"),
+        (["good", "bad", "ugly"], "row 0 = 'good' of type str"),
+        ([1.0, "1.0", 0.0], "row 1 = '1.0' of type str; return one float (or None) per completion"),  # never 1.0
+        ([1.0, [0.5], 0.0], "mixes per-sequence floats and per-token lists"),
         (None, "one float per completion"),
         (3.0, "one float per completion"),
     ],
