@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def run_ppo(config: Config, callbacks: Sequence = ()):
     """Load everything the config names and train (with `llm_rl.training.callbacks.TrainerCallback`s); returns the
     trainer and per-update metrics."""
-    from llm_rl.training.ppo_trainer import PPOTrainer, episode_environment
+    from llm_rl.training.ppo_trainer import PPOTrainer, check_run_rewards, episode_environment
 
     config.validate()
     t = config.train
@@ -41,6 +41,7 @@ def run_ppo(config: Config, callbacks: Sequence = ()):
         rewards = load_rewards(config)
     prompts = load_prompts(config, tokenizer)
     environment = episode_environment(config, tokenizer)  # a broken environment class: before the model loads
+    check_run_rewards(rewards, prompts, environment)  # a reward the columns cannot call: before the model loads
     with loading("model_name_or_path", m.model_name_or_path):
         policy = load_policy(config, tokenizer)
     with loading("ref_model_name_or_path", m.ref_model_name_or_path):

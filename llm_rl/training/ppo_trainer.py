@@ -97,13 +97,7 @@ class PPOTrainer(TrainingRun):
         # multi-turn: an environment plays each episode and gives its rewards (llm_rl.sampling.episodes);
         # `environment`: what `episode_environment` gives, when built before the model loaded
         environment = episode_environment(config, tokenizer) if environment is None else environment
-        if not rewards and (environment is None or not getattr(environment, "has_reward", True)):
-            raise ConfigError(
-                "no reward: set reward_model_name_or_path and/or reward_funcs" if environment is None else
-                f"environment_factory {environment.__name__} has no get_reward() and no reward_funcs are set: "
-                "nothing scores its episodes")
-        if rewards:  # episodes' reward functions also get the instances that played them (TRL's environments=)
-            check_rewards(rewards, list(prompts.columns) + (["environments"] if environment is not None else []))
+        check_run_rewards(rewards, prompts, environment)
         self.evaluator = None
         if eval_prompts is not None:  # the training rewards and weights unless eval rewards are given
             check_rewards(eval_rewards or rewards, list(eval_prompts.columns))
@@ -609,6 +603,18 @@ class PPOTrainer(TrainingRun):
     def write_reports(self, metrics: dict) -> None:
         super().write_reports(metrics)
         plot_training_curves(self.output_dir / run_dir.METRICS_FILE, self.output_dir / "curves.png")
+
+
+def check_run_rewards(rewards: Sequence[RewardFn], prompts, environment) -> None:
+    """Something scores the run, and every reward can be called with the dataset's columns: checked when
+    the trainer is built, and by run_ppo before the policy loads."""
+    if not rewards and (environment is None or not getattr(environment, "has_reward", True)):
+        raise ConfigError(
+            "no reward: set reward_model_name_or_path and/or reward_funcs" if environment is None else
+            f"environment_factory {environment.__name__} has no get_reward() and no reward_funcs are set: "
+            "nothing scores its episodes")
+    if rewards:  # episodes' reward functions also get the instances that played them (TRL's environments=)
+        check_rewards(rewards, list(prompts.columns) + (["environments"] if environment is not None else []))
 
 
 def episode_environment(config: Config, tokenizer):

@@ -5,18 +5,25 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
+from llm_rl.config.grpo import grpo_values
 from llm_rl.config.loading import load_yaml
 from llm_rl.config.sections import Config
 from llm_rl.demos.addition import DEMO_CONFIG
 
-PPO_CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml")) + [
+GRPO_CONFIGS = [REPO / "recipes" / "configs" / "grpo_trl.yaml"]  # TRL's GRPOConfig names: `llm-rl grpo`
+PPO_CONFIGS = sorted(set((REPO / "recipes" / "configs").glob("*.yaml")) - set(GRPO_CONFIGS)) + [
     REPO / "reward_models" / "configs" / "addition_ppo_rm.yaml"
 ]
 
 
-@pytest.mark.parametrize("path", PPO_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PPO_CONFIGS + GRPO_CONFIGS, ids=lambda p: p.name)
 def test_ppo_configs_validate(path):
-    config = Config.from_yaml(path)
+    """Every recipe validates as the command its header names loads it."""
+    if path in GRPO_CONFIGS:
+        config = Config.from_dict(grpo_values(load_yaml(path)), str(path))
+        config.validate()
+    else:
+        config = Config.from_yaml(path)
     assert config.model.model_name_or_path and config.data.dataset_name
     assert config.reward.reward_funcs or config.reward.reward_model_name_or_path or config.environment.plays_episodes
 

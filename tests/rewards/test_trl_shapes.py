@@ -150,3 +150,15 @@ def test_a_trl_reward_trains_on_chat_data(tiny_model_dir, tmp_path):
     assert state == TrainerState(global_step=0, max_steps=1)
     lengths = [len(c[0]["content"]) for c in completions]
     assert history[0]["score/mean"] == pytest.approx(sum(lengths) / 2)
+
+
+def test_a_reward_the_columns_cannot_call_stops_the_run_before_the_policy_loads(tiny_model_dir, tmp_path):
+    from conftest import run_cli, write_jsonl
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2=", "answer": "3"}])
+    (tmp_path / "r.py").write_text("def needs_solution(completions, solution, **kwargs):\n    return [0.0]\n")
+    proc = run_cli(["ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prompts),
+                    "--reward_funcs", f"{tmp_path / 'r.py'}:needs_solution", "--output_dir", str(tmp_path / "o")],
+                   tmp_path)
+    assert proc.returncode == 2
+    assert "missing a required argument: 'solution'" in proc.stderr and "Loading weights" not in proc.stderr
