@@ -5,7 +5,6 @@
                 [--overwrite] [--prepare_only] [--any_config_key value ...]
     llm-rl demo --task dialogue [--seed 0] [--output_dir outputs/demo_dialogue] [--max_updates N] [--overwrite]
     llm-rl ppo --config recipes/configs/X.yaml [--any_config_key value ...]
-    llm-rl grpo --config grpo.yaml [--GRPOConfig_name value ...]   (TRL's GRPOConfig names and defaults)
     llm-rl reward train --config reward_models/configs/X.yaml [--any_config_key value ...]
     llm-rl reward score (--model PATH_OR_ID | --reward module:function) --input FILE.jsonl --output OUT.jsonl
 
@@ -32,28 +31,6 @@ def ppo_main(argv: list[str]) -> int:
         print("usage: llm-rl ppo --config FILE.yaml [--key value ...]\n\nkeys:" + format_help())
         return 0
     config = Config.from_yaml(*split_config_arg(argv))  # before torch is imported: a config error is instant
-    from llm_rl.training.pipeline import run_ppo
-
-    with resume_hint_on_interrupt(config.train.output_dir):
-        run_ppo(config)
-    return 0
-
-
-def grpo_main(argv: list[str]) -> int:
-    """A GRPOConfig-shaped YAML (TRL's names and defaults) through the same run as ppo."""
-    from llm_rl.config.grpo import grpo_values
-    from llm_rl.config.loading import load_yaml, parse_overrides
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: llm-rl grpo --config FILE.yaml [--key value ...]\n\nTRL's GRPOConfig names with TRL's defaults "
-              "(README: 'llm-rl grpo'), plus any llm-rl ppo key.")
-        return 0
-    path, rest = split_config_arg(argv)
-    bools = frozenset({"use_vllm", "mask_truncated_completions", "gradient_checkpointing", "bf16", "fp16",
-                       "push_to_hub", "overwrite_output_dir", "disable_dropout", "progress_bar"})
-    raw = {**(load_yaml(path) if path else {}), **parse_overrides(rest, bools)}
-    config = Config.from_dict(grpo_values(raw), path or "command line")  # before torch is imported
-    config.validate()
     from llm_rl.training.pipeline import run_ppo
 
     with resume_hint_on_interrupt(config.train.output_dir):
@@ -166,7 +143,7 @@ def resume_hint_on_interrupt(output_dir: str):
         raise Interrupted(f"interrupted; {hint}") from None
 
 
-COMMANDS = {"ppo": ppo_main, "grpo": grpo_main, "demo": demo_main, "reward": reward_main}
+COMMANDS = {"ppo": ppo_main, "demo": demo_main, "reward": reward_main}
 
 
 def main(argv: list[str] | None = None) -> int:

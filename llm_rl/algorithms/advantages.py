@@ -88,14 +88,13 @@ def _group_validity(valid: Tensor | None, groups: Tensor) -> Tensor:
     return valid.to(groups.dtype).view_as(groups)
 
 
-def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None,
-                    scale: str = "group") -> Tensor:
+def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
     """Group-normalised advantages (GRPO outcome supervision).
 
     scores: ``(batch,)`` -> ``(batch,)``,
-    ``A_i = (s_i - mean_group) / (std + eps)`` with the unbiased sample std of the group (``scale``
-    "group"), of all valid rows of this batch ("batch"), or no division ("none": Dr. GRPO, Liu et al. 2025).
-    A group of one, or a group whose scores are all equal, carries no learning signal and yields 0 (never NaN).
+    ``A_i = (s_i - mean_group) / (std_group + eps)`` with the unbiased sample
+    std of the group. A group of one, or a group whose scores are all equal,
+    carries no learning signal and yields 0 (never NaN).
     ``valid`` ``(batch,)`` bool: rows outside it (a dropped sample's score is
     a placeholder) enter no mean or std and get 0; a group then has fewer
     members, and one with fewer than two valid rows yields 0.
@@ -107,15 +106,6 @@ def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6, valid: T
     mean = (groups * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
     # unbiased std over valid members; a group of one has no spread (0/0 avoided by the clamp)
     std = (((groups - mean) * m).square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
-    if scale == "batch":
-        total = m.sum()
-        batch_mean = (groups * m).sum() / total.clamp(min=1)
-        std = (((groups - batch_mean) * m).square().sum() / (total - 1).clamp(min=1)).sqrt()
-    elif scale == "none":
-        std = torch.zeros_like(std)
-        eps = 1.0
-    elif scale != "group":
-        raise ValueError(f"scale is one of group, batch, none; got {scale!r}")
     scored = (m > 0) & (n >= 2)
     return torch.where(scored, (groups - mean) / (std + eps), torch.zeros_like(groups)).view(-1)
 
@@ -247,7 +237,6 @@ class EstimatorInput:
     turn_ends: Optional[Tensor] = None  # (batch, len) bool: gamma per turn boundary; None: per action token
     final_values: Optional[Tensor] = None  # (batch,) V after episodes cut before done
     reduce: Optional[Callable[[Tensor], Tensor]] = None  # sums batch statistics over processes
-    advantage_scale: str = "group"  # grpo: divide by the group's std, this process's batch's, or nothing
 
 
 @dataclass(frozen=True)
@@ -278,11 +267,10 @@ def _gae(x: EstimatorInput):
     return action_gae(x.rewards, x.values, x.mask, x.gamma, x.lam, x.turn_ends, x.final_values)
 
 
-def _grouped_estimator(group_fn, scaled: bool = False):
+def _grouped_estimator(group_fn):
     def estimate(x: EstimatorInput):
         kept = x.mask.sum(dim=1) > 0  # a row dropped for an invalid reward joins no group statistic
-        extra = {"scale": x.advantage_scale} if scaled else {}
-        return group_fn(sequence_returns(x), x.group_size, valid=kept, **extra)[:, None] * x.mask, None
+        return group_fn(sequence_returns(x), x.group_size, valid=kept)[:, None] * x.mask, None
     return estimate
 
 
@@ -298,7 +286,7 @@ def _prefix_diff(x: EstimatorInput):
 # each estimator's function, keyed by its name in the config's variant table
 _ESTIMATE = {
     "gae": _gae,
-    "grpo": _grouped_estimator(grpo_advantages, scaled=True),
+    "grpo": _grouped_estimator(grpo_advantages),
     "rloo": _grouped_estimator(rloo_advantages),
     "reinforce_pp": _reinforce_pp,
     "prefix_diff": _prefix_diff,

@@ -37,25 +37,18 @@ def _seq_mean_token_mean(per_token_loss: Tensor, mask: Tensor, normalizer: Optio
     return per_seq.sum() / torch.as_tensor(normalizer).clamp(min=1)
 
 
-def _token_sum_fixed(per_token_loss: Tensor, mask: Tensor, normalizer: Optional[Tensor | float]) -> Tensor:
-    if normalizer is None:  # this batch alone: its rows x its width
-        normalizer = mask.shape[0] * mask.shape[-1]
-    return masked_sum(per_token_loss, mask) / torch.as_tensor(normalizer).clamp(min=1)
-
-
 @dataclass(frozen=True)
 class Aggregation:
     """A loss aggregation's functions (its description: llm_rl.config.variants.LOSS_AGGREGATIONS)."""
 
     reduce: Callable[[Tensor, Tensor, Optional[Tensor | float]], Tensor]  # (per-token loss, mask, normalizer)
-    count: Callable[[Tensor, int], Tensor]  # ((batch,) valid tokens per row, max_new_tokens) -> what `reduce` divides by
+    count: Callable[[Tensor], Tensor]  # (batch,) valid tokens per row -> what `reduce` divides by
 
 
 # keyed by the aggregation's name in the config's variant table
 _AGGREGATIONS = {
-    "token_mean": Aggregation(_token_mean, count=lambda tokens, _: tokens.sum()),
-    "seq_mean_token_mean": Aggregation(_seq_mean_token_mean, count=lambda tokens, _: (tokens > 0).float().sum()),
-    "token_sum_fixed": Aggregation(_token_sum_fixed, count=lambda tokens, width: torch.tensor(float(tokens.numel() * width))),
+    "token_mean": Aggregation(_token_mean, count=lambda tokens: tokens.sum()),
+    "seq_mean_token_mean": Aggregation(_seq_mean_token_mean, count=lambda tokens: (tokens > 0).float().sum()),
 }
 assert set(_AGGREGATIONS) == set(LOSS_AGGREGATIONS), "losses._AGGREGATIONS and config LOSS_AGGREGATIONS disagree"
 
@@ -88,13 +81,12 @@ def aggregate_loss(
     return _aggregation(loss_agg).reduce(per_token_loss, mask, normalizer)
 
 
-def loss_normalizer(mask: Tensor, loss_agg: str = DEFAULT_LOSS_AGGREGATION, max_new_tokens: Optional[int] = None) -> Tensor:
-    """The count `aggregate_loss` divides by: valid tokens (``token_mean``), sequences with at least
-    one valid token (``seq_mean_token_mean``), or rows x ``max_new_tokens`` (``token_sum_fixed``; default the
-    mask's width) of ``mask`` ``(batch, resp_len)``. A float scalar, so the counts of micro-batches and
-    processes can be summed into the mini-batch's."""
+def loss_normalizer(mask: Tensor, loss_agg: str = DEFAULT_LOSS_AGGREGATION) -> Tensor:
+    """The count `aggregate_loss` divides by: valid tokens (``token_mean``) or sequences with at least
+    one valid token (``seq_mean_token_mean``) of ``mask`` ``(batch, resp_len)``. A float scalar, so the
+    counts of micro-batches and processes can be summed into the mini-batch's."""
     count = _aggregation(loss_agg).count
-    return count(mask.float().sum(dim=-1), max_new_tokens or mask.shape[-1])
+    return count(mask.float().sum(dim=-1))
 
 
 def policy_loss(
@@ -107,7 +99,6 @@ def policy_loss(
     loss_agg: str = DEFAULT_LOSS_AGGREGATION,
     normalizer: Tensor | float | None = None,
     token_weights: Tensor | None = None,
-    clip_range_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (as a loss to minimise).
 
@@ -148,8 +139,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
 
     pg_unclipped = -advantages * ratio
-    high = clip_range if clip_range_high is None else clip_range_high  # asymmetric: DAPO's clip-higher
-    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_token = torch.maximum(pg_unclipped, pg_clipped)
 
     stats: dict[str, Tensor] = {}
@@ -227,7 +217,6 @@ class PPOCoefficients:
     ppo section once per update (kl_coef follows the KL controller)."""
 
     clip_range: float = 0.2  # ratio clip epsilon
-    clip_range_high: Optional[float] = None  # upper epsilon (None: clip_range)
     dual_clip: Optional[float] = None  # c > 1 bounds the loss of negative advantages (None: off)
     clip_range_value: Optional[float] = 0.2  # value clip (None: off)
     vf_coef: float = 0.1
@@ -266,7 +255,7 @@ def ppo_objective(
     c, loss_agg = coefficients, coefficients.loss_agg
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=c.clip_range,
                                     dual_clip=c.dual_clip, loss_agg=loss_agg, normalizer=normalizer,
-                                    token_weights=importance_weights, clip_range_high=c.clip_range_high)
+                                    token_weights=importance_weights)
     loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
     if values is not None:
         vf_loss, vf_stats = value_loss(values.float(), old_values, returns, mask, clip_range_value=c.clip_range_value,

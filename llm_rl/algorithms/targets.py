@@ -36,7 +36,6 @@ class RolloutTensors(Protocol):
     is_episode: bool  # multi-turn: turns, observations, bootstrap values below are meaningful
     turn_ends: Optional[Tensor]  # bool: last token of each bot turn
     final_values: Optional[Tensor]  # (batch,) V after an episode cut before done
-    ended: Tensor  # (batch,) bool: the response stopped (stop token or episode done), not cut at max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -70,14 +69,10 @@ def compute_targets(
     whiten_rewards: bool = False,
     turn_discount: bool = True,
     reduce: Optional[Callable[[Tensor], Tensor]] = None,
-    advantage_scale: str = "group",
-    mask_truncated: bool = False,
 ) -> Targets:
     """Targets of `rollout` (its old log-probs, values if the estimator needs them, reference log-probs or
     None) under `scores`. `beta` weighs the KL in the rewards (0 when the KL is a loss term instead);
-    `turn_discount`: multi-turn episodes take gamma per turn boundary, not per action. `mask_truncated`: rows that
-    never ended (no stop token: cut at max_new_tokens) get no loss, after they took part in the group statistics
-    (TRL's mask_truncated_completions)."""
+    `turn_discount`: multi-turn episodes take gamma per turn boundary, not per action."""
     loss_mask = rollout.action_mask * scores.valid[:, None].to(rollout.action_mask.dtype)
     if rollout.ref_logprobs is not None:
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, kl_estimator, loss_mask)
@@ -93,12 +88,8 @@ def compute_targets(
     advantages, returns = spec.estimate(EstimatorInput(
         rewards, loss_mask, gamma=gamma, lam=lam, values=rollout.values, group_size=group_size,
         prefix=scores.prefix, episodes=episodes, turn_ends=rollout.turn_ends if episodes and turn_discount else None,
-        final_values=rollout.final_values, reduce=reduce, advantage_scale=advantage_scale,
+        final_values=rollout.final_values, reduce=reduce,
     ))
     if whiten_advantages and spec.whitened_by_trainer:
         advantages = masked_whiten(advantages, loss_mask, reduce=reduce)
-    if mask_truncated:
-        ended = rollout.ended[:, None].to(loss_mask.dtype)
-        loss_mask, advantages = loss_mask * ended, advantages * ended
-        returns = returns * ended if returns is not None else None
     return Targets(loss_mask, kl, rewards, advantages, returns)

@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from llm_rl.config.aliases import unknown_key_message
 from llm_rl.config.choices import (
@@ -204,10 +204,6 @@ class PPOConfig(OptimizerOptions):
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
-    clip_range_high: Optional[float] = field(
-        default=None, metadata={"help": "Upper ratio clip: the ratio stays in [1 - clip_range, 1 + clip_range_high] "
-                                        "(DAPO's clip-higher; null: clip_range)."}
-    )
     dual_clip: Optional[float] = field(
         default=None, metadata={"help": "Dual-clip constant c > 1 bounding the loss of negative advantages."}
     )
@@ -217,14 +213,6 @@ class PPOConfig(OptimizerOptions):
     gamma: float = field(default=1.0, metadata={"help": "Discount over response tokens."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the batch."})
-    advantage_scale: Literal["group", "batch", "none"] = field(
-        default="group", metadata={"help": "grpo: divide each advantage by its group's score std, this process's "
-                                           "batch's, or nothing (Dr. GRPO)."}
-    )
-    mask_truncated_completions: bool = field(
-        default=False, metadata={"help": "Completions cut at max_new_tokens (no stop token) get no loss; they still "
-                                         "count in their group's statistics."}
-    )
     loss_agg: LossAggregation = field(default=DEFAULT_LOSS_AGGREGATION, metadata={"help": loss_aggregation_help()})
     kl_coef: float = field(default=0.05, metadata={"help": "Initial beta of the KL penalty to the reference."})
     kl_estimator: Optional[KLEstimator] = field(default=None, metadata={"help": kl_estimator_help()})

@@ -168,11 +168,6 @@ LOSS_AGGREGATIONS: dict[str, LossAggregationVariant] = {
                     "response weighs the same whatever its length",
         note="mean per sequence first",
     ),
-    "token_sum_fixed": LossAggregationVariant(
-        description="sum(l * m) / (sequences * max_new_tokens): a constant divisor, so no length bias either way "
-                    "(Dr. GRPO)",
-        note="TRL's dr_grpo",
-    ),
 }
 DEFAULT_LOSS_AGGREGATION = "token_mean"
 

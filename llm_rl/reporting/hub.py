@@ -73,10 +73,8 @@ def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: st
     rewards = ([f"reward model `{r.reward_model_name_or_path}`"] if r.reward_model_name_or_path else []) + [
         f"`{spec}`" for spec in r.reward_funcs
     ]
-    kl = ("no KL penalty (kl_coef 0), the sequence score on the last token" if p.kl_coef == 0 and not p.adaptive_kl
-          else f"a KL penalty to the reference in the loss (kl_coef {p.kl_coef:g})" if p.kl_in_loss else
-          f"a KL penalty to the reference on every token's reward (kl_coef {p.kl_coef:g}), the sequence score on the "
-          "last token")
+    kl = "a KL penalty to the reference in the loss" if p.kl_in_loss else (
+        "a KL penalty to the reference on every token's reward, the sequence score on the last token")
     estimator = ADVANTAGE_ESTIMATORS[p.advantage_estimator]
     value_head = estimator.needs_values
     saved = ("a LoRA adapter (peft)" if adapter else "a plain causal LM") + (

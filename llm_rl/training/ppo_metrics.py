@@ -25,7 +25,6 @@ def rollout_metrics(rollout: Rollout, scores: Scores, targets: Targets, global_s
         "rows": torch.tensor(float(len(rollout))),
         "kept": kept.float().sum(),
         "tokens": mask.sum(),
-        "response_tokens": (rollout.action_mask.float() * kept[:, None]).sum(),  # mask_truncated_completions aside
         "ended": rollout.ended.float().sum(),
         "score": scores.sequence.float()[kept].sum(),
         "kl": targets.kl.sum(),
@@ -47,7 +46,7 @@ def rollout_metrics(rollout: Rollout, scores: Scores, targets: Targets, global_s
     kept_rows, tokens = max(g["kept"], 1.0), max(g["tokens"], 1.0)
     out = {
         "score/mean": g["score"] / kept_rows,
-        "response/length": g["response_tokens"] / kept_rows,
+        "response/length": g["tokens"] / kept_rows,
         "response/eos_rate": g["ended"] / g["rows"],
         "response/tokens": g["tokens"],
         "token_reward/mean": g["token_reward"] / tokens,

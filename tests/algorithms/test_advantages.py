@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from conftest import close
@@ -182,16 +180,3 @@ def test_prefix_diff_with_rewards_is_td0_with_the_prefix_scores_as_critic():
     # the score Q_last on the last token as the only reward: the plain increments
     only_score = torch.tensor([[0.0, 0.75, 0.0]])
     close(prefix_diff_advantages(prefix, prompt, mask, only_score), prefix_diff_advantages(prefix, prompt, mask))
-
-
-def test_grpo_scale_group_batch_none_by_hand():
-    """Groups [1, 3], [0, 0], [2, 6] (means 2, 0, 4). group: / group std (sqrt 2, -, 2 sqrt 2); batch: / the
-    std of all six scores (mean 2, squared deviations 26, / 5 -> sqrt 5.2); none: centred only (Dr. GRPO)."""
-    from llm_rl.algorithms.advantages import grpo_advantages
-
-    scores = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 6.0])
-    a = 1 / math.sqrt(2)
-    torch.testing.assert_close(grpo_advantages(scores, 2), torch.tensor([-a, a, 0, 0, -a, a]), atol=1e-5, rtol=0)
-    centred = torch.tensor([-1.0, 1.0, 0.0, 0.0, -2.0, 2.0])
-    torch.testing.assert_close(grpo_advantages(scores, 2, scale="batch"), centred / math.sqrt(5.2), atol=1e-5, rtol=0)
-    torch.testing.assert_close(grpo_advantages(scores, 2, scale="none"), centred, atol=1e-6, rtol=0)

@@ -236,30 +236,3 @@ def test_ppo_objective_by_hand():
     loss, stats = ppo_objective(logprobs.detach(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2),
                                 token_entropy=torch.tensor([[1.0, 3.0]]), coefficients=PPOCoefficients(ent_coef=0.01))
     assert loss.item() == pytest.approx(0.5 - 0.02) and "loss/kl" not in stats and stats["loss/value"] == 0
-
-
-def test_clip_range_high_raises_only_the_upper_bound():
-    """ratio 1.5 on a positive advantage 1: the loss is -min(1.5, clip(1.5)) = -(1 + upper bound); ratio 0.5 on a
-    negative advantage -1: max(0.5, clip(0.5)) = 0.8 both ways (the lower bound is clip_range's)."""
-    old = torch.zeros(2, 1)
-    new = torch.log(torch.tensor([[1.5], [0.5]]))
-    mask = torch.ones(2, 1)
-    for high, upper in ((None, 1.2), (0.28, 1.28)):
-        loss, _ = policy_loss(new[:1], old[:1], torch.ones(1, 1), mask[:1], clip_range=0.2, clip_range_high=high)
-        assert loss.item() == pytest.approx(-upper)
-        loss, _ = policy_loss(new[1:], old[1:], -torch.ones(1, 1), mask[1:], clip_range=0.2, clip_range_high=high)
-        assert loss.item() == pytest.approx(0.8)
-
-
-def test_token_sum_fixed_divides_by_rows_times_max_new_tokens():
-    """Dr. GRPO: per-token losses [[1, 2, 3], [4, -, -]] sum to 10; over 2 rows x width 3 -> 10/6; with
-    max_new_tokens 5 the count is 10 -> 1."""
-    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert aggregate_loss(per_token, mask, "token_sum_fixed").item() == pytest.approx(10 / 6)
-    count = loss_normalizer(mask, "token_sum_fixed", max_new_tokens=5)
-    assert count.item() == 10.0
-    assert aggregate_loss(per_token, mask, "token_sum_fixed", normalizer=count).item() == pytest.approx(1.0)
-    # split in two micro-batches with the whole count: the shares sum to the whole
-    halves = sum(aggregate_loss(per_token[i:i + 1], mask[i:i + 1], "token_sum_fixed", normalizer=count) for i in (0, 1))
-    assert halves.item() == pytest.approx(1.0)

@@ -3,7 +3,6 @@ the estimator table and the typed config choices it is keyed by."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 
@@ -146,16 +145,3 @@ def test_prefix_diff_takes_the_sequence_score_as_terminal_reward():
     # a different score (say a missing-EOS penalty of 1) changes the advantages
     advantages = advantages_of(*hand_rollout([1.0], [2], width=2, prefix=prefix), **config)
     torch.testing.assert_close(advantages, torch.tensor([[0.25, 0.5]]))
-
-
-def test_mask_truncated_completions_drops_the_loss_but_keeps_the_group():
-    """Row 1 never ended (cut at max_new_tokens): it still sets its group's mean and std (grpo -/+ 1/sqrt(2)),
-    then gets no loss and no advantage; row 0 keeps its advantage."""
-    rollout, scores = rollout_of(MASK, LOGPROBS), scores_of([1.0, 3.0])
-    rollout = dataclasses.replace(rollout, ended=torch.tensor([True, False]))
-    targets = compute_targets(rollout, scores, estimator="grpo", beta=0.0, group_size=2, mask_truncated=True)
-    a = 1 / math.sqrt(2)
-    torch.testing.assert_close(targets.advantages, torch.tensor([[-a, -a, -a], [0.0, 0.0, 0.0]]), atol=1e-5, rtol=0)
-    assert targets.loss_mask.tolist() == [[1, 1, 1], [0, 0, 0]]
-    kept = compute_targets(rollout, scores, estimator="grpo", beta=0.0, group_size=2)
-    assert kept.loss_mask.tolist() == MASK

@@ -95,8 +95,11 @@ def test_a_bad_item_of_a_list_names_the_allowed_values():
     assert str(caught.value) == "command line: 'eval_decoding' is one of greedy, sampled; got 'beam'"
 
 
-def test_mask_truncated_completions_is_a_key_with_trls_meaning():
-    """TRL's name is llm_rl's key: truncated completions get no loss."""
-    assert Config.from_yaml(None, ["--mask_truncated_completions", "true"]).ppo.mask_truncated_completions is True
-
-
+def test_trls_mask_truncated_completions_is_not_sent_to_an_unrelated_key():
+    """TRL drops truncated completions from the loss; llm_rl has no such switch (truncate_prompts, the
+    closest spelling, is about prompts)."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_yaml(None, ["--mask_truncated_completions", "true"])
+    message = str(caught.value)
+    assert "truncate_prompts" not in message
+    assert "Did you mean missing_eos_penalty?" in message and "out of the loss" in message

@@ -45,7 +45,7 @@ def _installed(name: str) -> bool:
     ("epsilon", "clip_range", None),
     ("eps_clip", "clip_range", None),
     ("num_ppo_epochs", "ppo_epochs", None),
-    ("loss_type", "loss_agg", "dr_grpo: token_sum_fixed"),
+    ("loss_type", "loss_agg", "GRPO"),
     ("bf16", "torch_dtype", "mixed_precision"),
     ("total_episodes", "max_updates", None),
 ])

@@ -176,17 +176,3 @@ def test_critic_free_and_lora_cards_describe_what_was_trained_and_saved(tiny_mod
     assert "GAE" not in description and "value_head" not in description and "no value head" in description
     assert not (out / "value_head.safetensors").exists()
     assert "AutoPeftModelForCausalLM" in card.text
-
-
-@pytest.mark.parametrize("values, says, never", [
-    ({"kl_coef": 0.0, "advantage_estimator": "grpo", "num_generations": 2}, "no KL penalty (kl_coef 0)", "KL penalty to"),
-    ({"kl_coef": 0.04, "kl_placement": "loss"}, "a KL penalty to the reference in the loss (kl_coef 0.04)", "no KL"),
-    ({"kl_coef": 0.05}, "a KL penalty to the reference on every token's reward (kl_coef 0.05)", "no KL"),
-])
-def test_the_card_mentions_the_kl_only_when_there_is_one(tmp_path, values, says, never):
-    from llm_rl.reporting.hub import model_card
-
-    config = Config.from_dict({"model_name_or_path": "m", "dataset_name": "d.jsonl", **values})
-    model_card(config, {}).save(tmp_path / "card.md")
-    description = (tmp_path / "card.md").read_text().split("## Training configuration")[0]
-    assert says in description and never not in description
