@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from llm_rl.config.aliases import unknown_key_message
 from llm_rl.config.errors import ConfigError
-from llm_rl.config.loading import UnknownKey, coerce, fill_from_yaml, option_lines, set_each
+from llm_rl.config.loading import KeyProblems, UnknownKey, coerce, fill_from_yaml, option_lines, set_each
 from llm_rl.config.rules import Rule, check
 from llm_rl.config.sections import Config
 from llm_rl.config.variants import LOSS_AGGREGATIONS, aggregation_of_loss_type
@@ -190,11 +190,13 @@ class GRPOArguments:
         return {"true": "group", "false": "none"}.get(self.scale_rewards.lower(), self.scale_rewards)
 
     def validate(self) -> None:
-        for key, (accepted, reason) in RESTRICTED.items():
-            if key in self.restricted and self.restricted[key] not in accepted:
-                values = " or ".join("null" if v is None else repr(v) for v in accepted)
-                raise ConfigError(f"{key}: {self.restricted[key]!r} is not supported by llm-rl grpo ({reason}); "
-                                  f"remove it or set {values}")
+        """Every restricted field at a value llm_rl cannot do in one error, then the rules, then llm_rl's own."""
+        problems = [ConfigError(f"{key}: {self.restricted[key]!r} is not supported by llm-rl grpo ({reason}); "
+                                f"remove it or set {' or '.join('null' if v is None else repr(v) for v in accepted)}")
+                    for key, (accepted, reason) in RESTRICTED.items()
+                    if key in self.restricted and self.restricted[key] not in accepted]
+        if problems:
+            raise KeyProblems(problems, "the config")
         check(GRPO_RULES, self)
         self.to_config().validate()
 
