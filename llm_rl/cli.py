@@ -5,12 +5,13 @@
                 [--overwrite] [--prepare_only] [--any_config_key value ...]
     llm-rl demo --task dialogue [--seed 0] [--output_dir outputs/demo_dialogue] [--max_updates N] [--overwrite]
     llm-rl ppo --config recipes/configs/X.yaml [--any_config_key value ...]
+    llm-rl grpo --config recipes/configs/grpo_trl.yaml [--any_GRPOConfig_key value ...]   (TRL's names and defaults)
     llm-rl reward train --config reward_models/configs/X.yaml [--any_config_key value ...]
     llm-rl reward score (--model PATH_OR_ID | --reward module:function) --input FILE.jsonl --output OUT.jsonl
 
 --config may stand anywhere. A mistake in the config, data, rewards, a checkpoint or a model path
 prints one line and exits 2; --debug (or LLM_RL_DEBUG=1) shows the traceback instead.
-They run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`).
+They run under `accelerate launch` too (`accelerate launch -m llm_rl.cli ppo ...`, `... grpo ...`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import sys
 
 from llm_rl.config.errors import ConfigError, UserError
+from llm_rl.config.grpo import GRPOArguments
+from llm_rl.config.grpo import format_help as grpo_help
 from llm_rl.config.loading import split_config_arg
 from llm_rl.config.sections import Config, format_help
 from llm_rl.version import __version__
@@ -31,6 +34,20 @@ def ppo_main(argv: list[str]) -> int:
         print("usage: llm-rl ppo --config FILE.yaml [--key value ...]\n\nkeys:" + format_help())
         return 0
     config = Config.from_yaml(*split_config_arg(argv))  # before torch is imported: a config error is instant
+    from llm_rl.training.pipeline import run_ppo
+
+    with resume_hint_on_interrupt(config.train.output_dir):
+        run_ppo(config)
+    return 0
+
+
+def grpo_main(argv: list[str]) -> int:
+    """`llm-rl grpo`: a flat file of TRL GRPOConfig names (llm_rl.config.grpo), run by the same trainer as ppo."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: llm-rl grpo --config FILE.yaml [--key value ...]\n\nTRL GRPOConfig's keys and defaults, and "
+              "the script's:" + grpo_help())
+        return 0
+    config = GRPOArguments.from_yaml(*split_config_arg(argv)).to_config()  # before torch is imported
     from llm_rl.training.pipeline import run_ppo
 
     with resume_hint_on_interrupt(config.train.output_dir):
@@ -143,7 +160,7 @@ def resume_hint_on_interrupt(output_dir: str):
         raise Interrupted(f"interrupted; {hint}") from None
 
 
-COMMANDS = {"ppo": ppo_main, "demo": demo_main, "reward": reward_main}
+COMMANDS = {"ppo": ppo_main, "grpo": grpo_main, "demo": demo_main, "reward": reward_main}
 
 
 def main(argv: list[str] | None = None) -> int:

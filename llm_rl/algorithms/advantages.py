@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from llm_rl.algorithms.ops import masked_whiten
+from llm_rl.algorithms.ops import masked_mean_var, masked_whiten
 from llm_rl.config.variants import ADVANTAGE_ESTIMATORS
 
 Tensor = torch.Tensor
@@ -88,13 +88,17 @@ def _group_validity(valid: Tensor | None, groups: Tensor) -> Tensor:
     return valid.to(groups.dtype).view_as(groups)
 
 
-def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
+def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None,
+                    scaling: str = "group", reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Group-normalised advantages (GRPO outcome supervision).
 
     scores: ``(batch,)`` -> ``(batch,)``,
-    ``A_i = (s_i - mean_group) / (std_group + eps)`` with the unbiased sample
-    std of the group. A group of one, or a group whose scores are all equal,
-    carries no learning signal and yields 0 (never NaN).
+    ``A_i = (s_i - mean_group) / (std + eps)``, the std by ``scaling``:
+    ``group`` the unbiased sample std of the group; ``batch`` that of every
+    valid score of the batch (of every process with ``reduce``, which sums a
+    tensor over processes); ``none`` no division (Liu et al. 2025, "Understanding
+    R1-Zero-Like Training", Dr. GRPO). A group of one, or a group whose scores
+    are all equal, carries no learning signal and yields 0 (never NaN).
     ``valid`` ``(batch,)`` bool: rows outside it (a dropped sample's score is
     a placeholder) enter no mean or std and get 0; a group then has fewer
     members, and one with fewer than two valid rows yields 0.
@@ -104,10 +108,16 @@ def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6, valid: T
     m = _group_validity(valid, groups)
     n = m.sum(dim=1, keepdim=True)  # (n_groups, 1) valid members
     mean = (groups * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
-    # unbiased std over valid members; a group of one has no spread (0/0 avoided by the clamp)
-    std = (((groups - mean) * m).square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    centred = groups - mean
+    if scaling == "group":
+        # unbiased std over valid members; a group of one has no spread (0/0 avoided by the clamp)
+        centred = centred / ((centred * m).square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(eps)
+    elif scaling == "batch":
+        centred = centred / masked_mean_var(groups, m, reduce)[1].sqrt().add(eps)
+    elif scaling != "none":
+        raise ValueError(f"scaling is group, batch or none, got {scaling!r}")
     scored = (m > 0) & (n >= 2)
-    return torch.where(scored, (groups - mean) / (std + eps), torch.zeros_like(groups)).view(-1)
+    return torch.where(scored, centred, torch.zeros_like(groups)).view(-1)
 
 
 def rloo_advantages(scores: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
@@ -237,6 +247,7 @@ class EstimatorInput:
     turn_ends: Optional[Tensor] = None  # (batch, len) bool: gamma per turn boundary; None: per action token
     final_values: Optional[Tensor] = None  # (batch,) V after episodes cut before done
     reduce: Optional[Callable[[Tensor], Tensor]] = None  # sums batch statistics over processes
+    scaling: str = "group"  # grpo: the std its advantages are divided by (group, batch or none)
 
 
 @dataclass(frozen=True)
@@ -267,10 +278,11 @@ def _gae(x: EstimatorInput):
     return action_gae(x.rewards, x.values, x.mask, x.gamma, x.lam, x.turn_ends, x.final_values)
 
 
-def _grouped_estimator(group_fn):
+def _grouped_estimator(group_fn, options=lambda x: {}):
+    """`group_fn(returns, group_size, valid=..., **options(x))` as an estimator."""
     def estimate(x: EstimatorInput):
         kept = x.mask.sum(dim=1) > 0  # a row dropped for an invalid reward joins no group statistic
-        return group_fn(sequence_returns(x), x.group_size, valid=kept)[:, None] * x.mask, None
+        return group_fn(sequence_returns(x), x.group_size, valid=kept, **options(x))[:, None] * x.mask, None
     return estimate
 
 
@@ -286,7 +298,7 @@ def _prefix_diff(x: EstimatorInput):
 # each estimator's function, keyed by its name in the config's variant table
 _ESTIMATE = {
     "gae": _gae,
-    "grpo": _grouped_estimator(grpo_advantages),
+    "grpo": _grouped_estimator(grpo_advantages, lambda x: {"scaling": x.scaling, "reduce": x.reduce}),
     "rloo": _grouped_estimator(rloo_advantages),
     "reinforce_pp": _reinforce_pp,
     "prefix_diff": _prefix_diff,

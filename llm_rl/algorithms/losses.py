@@ -37,18 +37,36 @@ def _seq_mean_token_mean(per_token_loss: Tensor, mask: Tensor, normalizer: Optio
     return per_seq.sum() / torch.as_tensor(normalizer).clamp(min=1)
 
 
+def _micro_batch_token_mean(per_token_loss: Tensor, mask: Tensor, normalizer: Optional[Tensor | float]) -> Tensor:
+    # this batch's own token mean; `normalizer` counts the micro-batches whose means are averaged
+    mean = masked_mean(per_token_loss, mask)
+    return mean if normalizer is None else mean / torch.as_tensor(normalizer).clamp(min=1)
+
+
+def _token_sum_over_max_length(per_token_loss: Tensor, mask: Tensor, normalizer: Optional[Tensor | float]) -> Tensor:
+    # a constant divisor, whatever the tokens: rows x the longest response (this batch's width when not given)
+    divisor = mask.shape[0] * mask.shape[-1] if normalizer is None else normalizer
+    return masked_sum(per_token_loss, mask) / torch.as_tensor(divisor).clamp(min=1)
+
+
 @dataclass(frozen=True)
 class Aggregation:
     """A loss aggregation's functions (its description: llm_rl.config.variants.LOSS_AGGREGATIONS)."""
 
     reduce: Callable[[Tensor, Tensor, Optional[Tensor | float]], Tensor]  # (per-token loss, mask, normalizer)
-    count: Callable[[Tensor], Tensor]  # (batch,) valid tokens per row -> what `reduce` divides by
+    # ((batch,) valid tokens per row, rows per micro-batch, longest response) -> what `reduce` divides by
+    count: Callable[[Tensor, int, int], Tensor]
 
 
 # keyed by the aggregation's name in the config's variant table
 _AGGREGATIONS = {
-    "token_mean": Aggregation(_token_mean, count=lambda tokens: tokens.sum()),
-    "seq_mean_token_mean": Aggregation(_seq_mean_token_mean, count=lambda tokens: (tokens > 0).float().sum()),
+    "token_mean": Aggregation(_token_mean, count=lambda tokens, micro, longest: tokens.sum()),
+    "seq_mean_token_mean": Aggregation(_seq_mean_token_mean,
+                                       count=lambda tokens, micro, longest: (tokens > 0).float().sum()),
+    "micro_batch_token_mean": Aggregation(
+        _micro_batch_token_mean, count=lambda tokens, micro, longest: tokens.new_tensor(-(-len(tokens) // micro))),
+    "token_sum_over_max_length": Aggregation(
+        _token_sum_over_max_length, count=lambda tokens, micro, longest: tokens.new_tensor(len(tokens) * longest)),
 }
 assert set(_AGGREGATIONS) == set(LOSS_AGGREGATIONS), "losses._AGGREGATIONS and config LOSS_AGGREGATIONS disagree"
 
@@ -66,27 +84,34 @@ def aggregate_loss(
     """Reduce a ``(batch, resp_len)`` per-token loss to a scalar, by ``loss_agg`` (one of `LOSS_AGGREGATIONS`):
 
     - ``token_mean``: ``sum(l * m) / sum(m)``, every valid token in the batch
-      weighs the same (long responses dominate).
+      weighs the same (long responses dominate); TRL's ``dapo``.
     - ``seq_mean_token_mean``: mean over tokens within each sequence, then
       mean over sequences that have at least one valid token, so every
-      response weighs the same regardless of length.
+      response weighs the same regardless of length; TRL's ``grpo``.
+    - ``micro_batch_token_mean``: the token mean of each micro-batch, then the
+      mean over the micro-batches; TRL's ``bnpo`` (it changes with the split).
+    - ``token_sum_over_max_length``: ``sum(l * m) / (rows * max_length)``, a
+      constant divisor; TRL's ``dr_grpo``.
 
-    ``normalizer``: divide by this count instead of the batch's own (tokens for
-    ``token_mean``, sequences with a valid token for ``seq_mean_token_mean``;
-    see `loss_normalizer`). Given the count of a whole mini-batch (all
+    ``normalizer``: divide by this count instead of the batch's own (see
+    `loss_normalizer`). Given the count of a whole mini-batch (all
     micro-batches, all processes), each micro-batch's loss is its share of the
-    mini-batch mean, and the shares sum to that mean however the mini-batch is
-    split. A count below 1 is taken as 1. Empty input gives 0.
+    mini-batch's loss, and the shares sum to it however the mini-batch is split
+    (``micro_batch_token_mean`` sums the micro-batches' means over their number).
+    A count below 1 is taken as 1. Empty input gives 0.
     """
     return _aggregation(loss_agg).reduce(per_token_loss, mask, normalizer)
 
 
-def loss_normalizer(mask: Tensor, loss_agg: str = DEFAULT_LOSS_AGGREGATION) -> Tensor:
-    """The count `aggregate_loss` divides by: valid tokens (``token_mean``) or sequences with at least
-    one valid token (``seq_mean_token_mean``) of ``mask`` ``(batch, resp_len)``. A float scalar, so the
-    counts of micro-batches and processes can be summed into the mini-batch's."""
-    count = _aggregation(loss_agg).count
-    return count(mask.float().sum(dim=-1))
+def loss_normalizer(mask: Tensor, loss_agg: str = DEFAULT_LOSS_AGGREGATION, micro_batch_rows: Optional[int] = None,
+                    max_length: Optional[int] = None) -> Tensor:
+    """The count `aggregate_loss` divides by, for ``mask`` ``(batch, resp_len)`` split into micro-batches of
+    ``micro_batch_rows`` (default: one): valid tokens (``token_mean``), sequences with a valid token
+    (``seq_mean_token_mean``), micro-batches (``micro_batch_token_mean``), or rows x ``max_length`` (default
+    resp_len; ``token_sum_over_max_length``). A float scalar, so the counts of micro-batches and processes
+    can be summed into the mini-batch's."""
+    tokens = mask.float().sum(dim=-1)
+    return _aggregation(loss_agg).count(tokens, micro_batch_rows or max(len(tokens), 1), max_length or mask.shape[-1])
 
 
 def policy_loss(
@@ -99,6 +124,7 @@ def policy_loss(
     loss_agg: str = DEFAULT_LOSS_AGGREGATION,
     normalizer: Tensor | float | None = None,
     token_weights: Tensor | None = None,
+    clip_range_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (as a loss to minimise).
 
@@ -107,8 +133,10 @@ def policy_loss(
     as constants (detached here).
 
     ``ratio = exp(logprobs - old_logprobs)``
-    ``l_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))``
-    (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7.)
+    ``l_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps_high))``
+    (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7), with ``eps_high =
+    clip_range_high`` (None: ``clip_range``, symmetric); a larger upper bound is DAPO's clip-higher
+    (Yu et al. 2025, "DAPO", sec. 3.1).
 
     Dual clip with ``c > 1``: for ``A_t < 0`` the loss is capped,
     ``l_t = min(l_t, -c * A_t)``, so a very large ratio on a bad action cannot
@@ -125,6 +153,9 @@ def policy_loss(
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    high = clip_range if clip_range_high is None else clip_range_high
+    if high <= 0:
+        raise ValueError(f"clip_range_high must be > 0, got {clip_range_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
 
@@ -139,7 +170,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
 
     pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     per_token = torch.maximum(pg_unclipped, pg_clipped)
 
     stats: dict[str, Tensor] = {}
@@ -217,12 +248,14 @@ class PPOCoefficients:
     ppo section once per update (kl_coef follows the KL controller)."""
 
     clip_range: float = 0.2  # ratio clip epsilon
+    clip_range_high: Optional[float] = None  # upper clip epsilon (None: clip_range)
     dual_clip: Optional[float] = None  # c > 1 bounds the loss of negative advantages (None: off)
     clip_range_value: Optional[float] = 0.2  # value clip (None: off)
     vf_coef: float = 0.1
     ent_coef: float = 0.0
     kl_coef: float = 0.0  # weight of the KL term (only with ref_logprobs, kl_placement: loss)
     kl_estimator: str = default_kl_estimator("loss")
+    kl_ratio_weighted: bool = False  # the KL term of each token times pi / pi_old (with its gradient)
     loss_agg: str = DEFAULT_LOSS_AGGREGATION
 
 
@@ -247,7 +280,9 @@ def ppo_objective(
     aggregated by ``loss_agg`` over ``mask`` and divided by ``normalizer`` (see `aggregate_loss`). All per-token inputs
     are ``(batch, resp_len)``; ``logprobs``, ``values`` and ``token_entropy`` carry the gradient, the rest
     are rollout constants. ``values=None``: no critic (no value term). ``ref_logprobs`` given: KL to the
-    reference as a loss term (``kl_placement: loss``) with ``kl_estimator``, masked before its ``exp``.
+    reference as a loss term (``kl_placement: loss``) with ``kl_estimator``, masked before its ``exp``; with
+    ``kl_ratio_weighted`` each token's KL is multiplied by ``pi / pi_old`` (1 in value on-policy, not in
+    gradient), which makes the term's gradient that of the reverse KL (TRL's ``use_bias_correction_kl``).
     ``importance_weights``: the policy term's per-token weights (`policy_loss`'s ``token_weights``).
     """
     from llm_rl.algorithms.kl import kl_penalty
@@ -255,7 +290,7 @@ def ppo_objective(
     c, loss_agg = coefficients, coefficients.loss_agg
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=c.clip_range,
                                     dual_clip=c.dual_clip, loss_agg=loss_agg, normalizer=normalizer,
-                                    token_weights=importance_weights)
+                                    token_weights=importance_weights, clip_range_high=c.clip_range_high)
     loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
     if values is not None:
         vf_loss, vf_stats = value_loss(values.float(), old_values, returns, mask, clip_range_value=c.clip_range_value,
@@ -267,11 +302,14 @@ def ppo_objective(
         stats["loss/value"] = torch.zeros((), device=logprobs.device)
     entropy = aggregate_loss(token_entropy, mask, loss_agg, normalizer)
     loss = loss - c.ent_coef * entropy
+    valid = mask.bool()
     if ref_logprobs is not None:
-        kl = aggregate_loss(kl_penalty(logprobs, ref_logprobs, c.kl_estimator, mask), mask, loss_agg, normalizer)
+        token_kl = kl_penalty(logprobs, ref_logprobs, c.kl_estimator, mask)
+        if c.kl_ratio_weighted:
+            token_kl = token_kl * torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs)).exp()
+        kl = aggregate_loss(token_kl, mask, loss_agg, normalizer)
         loss = loss + c.kl_coef * kl
         stats["loss/kl"] = kl.detach()
-    valid = mask.bool()
     stats.update({
         "loss/total": loss.detach(),
         "entropy": entropy.detach(),

@@ -68,6 +68,19 @@ def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
     return torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
 
 
+def masked_mean_var(x: Tensor, mask: Tensor, reduce=None) -> tuple[Tensor, Tensor]:
+    """The mean and unbiased variance of ``x`` over its valid positions, two scalars of ``x``'s dtype.
+    ``reduce``: a function that sums a tensor over processes (``lambda t: accelerator.reduce(t, "sum")``);
+    with it they are those of the valid positions of every process, whatever the split."""
+    if reduce is None:
+        m = mask.to(x.dtype)
+        return masked_mean(x, m), masked_var(x, m, unbiased=True)
+    total, total_sq, n = reduce(masked_moments(x, mask)).tolist()
+    mean = total / max(n, 1.0)
+    var = max(total_sq - n * mean * mean, 0.0) / max(n - 1, 1.0)
+    return (torch.tensor(mean, dtype=x.dtype, device=x.device), torch.tensor(var, dtype=x.dtype, device=x.device))
+
+
 def masked_whiten(
     x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None
 ) -> Tensor:
@@ -78,24 +91,14 @@ def masked_whiten(
     ``y = (x - mean) * rsqrt(var + eps) + mean``, i.e. only the scale changes
     (useful for rewards, whose sign carries meaning).
     Padding positions are returned as 0 so they cannot leak into later sums.
-    ``reduce``: a function that sums a tensor over processes (``lambda t: accelerator.reduce(t, "sum")``);
-    with it the mean and variance are those of the valid positions of every process, so the result does
+    ``reduce``: statistics over every process (`masked_mean_var`), so the result does
     not depend on how a batch is split over processes.
     """
-    m = mask.to(x.dtype)
-    if reduce is None:
-        mean = masked_mean(x, m)
-        var = masked_var(x, m, unbiased=True)
-    else:
-        total, total_sq, n = reduce(masked_moments(x, mask)).tolist()
-        mean_ = total / max(n, 1.0)
-        var_ = max(total_sq - n * mean_ * mean_, 0.0) / max(n - 1, 1.0)
-        mean, var = torch.tensor(mean_, dtype=x.dtype, device=x.device), torch.tensor(var_, dtype=x.dtype,
-                                                                                      device=x.device)
+    mean, var = masked_mean_var(x, mask, reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * m
+    return whitened * mask.to(x.dtype)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

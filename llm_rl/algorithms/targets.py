@@ -3,6 +3,7 @@
     kl_t          = KL estimate of pi_old vs pi_ref at each action              (kl.kl_penalty)
     r_t           = -beta * kl_t + token score_t (+ the sequence score on the last action)
     A_t, returns  = the configured estimator over r (advantages.ESTIMATORS), whitened if it asks
+    loss_mask     = the actions of rows with valid scores (mask_truncated: and a stop token), after the estimator
 
 A pure function of its inputs: the trainer passes the config's numbers and a `reduce` that sums
 batch statistics over processes.
@@ -30,6 +31,7 @@ class RolloutTensors(Protocol):
     positions: (batch, resp_len) unless noted."""
 
     action_mask: Tensor  # 1 on the policy's tokens
+    ended: Tensor  # (batch,) bool: the response emitted a stop token
     logprobs: Tensor  # log pi_old(a_t | x_t)
     ref_logprobs: Optional[Tensor]  # None when nothing reads the reference
     values: Optional[Tensor]  # V_old(x_t), None without a value head
@@ -69,10 +71,14 @@ def compute_targets(
     whiten_rewards: bool = False,
     turn_discount: bool = True,
     reduce: Optional[Callable[[Tensor], Tensor]] = None,
+    advantage_scaling: str = "group",
+    mask_truncated: bool = False,
 ) -> Targets:
     """Targets of `rollout` (its old log-probs, values if the estimator needs them, reference log-probs or
     None) under `scores`. `beta` weighs the KL in the rewards (0 when the KL is a loss term instead);
-    `turn_discount`: multi-turn episodes take gamma per turn boundary, not per action."""
+    `turn_discount`: multi-turn episodes take gamma per turn boundary, not per action; `advantage_scaling`:
+    grpo's std (group, batch or none). `mask_truncated`: rows without a stop token keep their part in the
+    estimator's statistics (group means and stds) but get no loss: 0 in loss_mask, advantages, KL, returns."""
     loss_mask = rollout.action_mask * scores.valid[:, None].to(rollout.action_mask.dtype)
     if rollout.ref_logprobs is not None:
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, kl_estimator, loss_mask)
@@ -88,8 +94,12 @@ def compute_targets(
     advantages, returns = spec.estimate(EstimatorInput(
         rewards, loss_mask, gamma=gamma, lam=lam, values=rollout.values, group_size=group_size,
         prefix=scores.prefix, episodes=episodes, turn_ends=rollout.turn_ends if episodes and turn_discount else None,
-        final_values=rollout.final_values, reduce=reduce,
+        final_values=rollout.final_values, reduce=reduce, scaling=advantage_scaling,
     ))
     if whiten_advantages and spec.whitened_by_trainer:
         advantages = masked_whiten(advantages, loss_mask, reduce=reduce)
+    if mask_truncated:
+        loss_mask = loss_mask * rollout.ended[:, None].to(loss_mask.dtype)
+        kl, advantages = kl * loss_mask, advantages * loss_mask
+        returns = None if returns is None else returns * loss_mask
     return Targets(loss_mask, kl, rewards, advantages, returns)

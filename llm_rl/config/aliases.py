@@ -29,7 +29,10 @@ ALIASES: dict[str, tuple[str, str]] = {
     "init_kl_coef": ("kl_coef", ""),
     "adap_kl_ctrl": ("adaptive_kl", ""),
     "target_kl": ("kl_target", "a KL per sequence that the adaptive controller steers towards"),
-    "epsilon": ("clip_range", "symmetric: there is no separate epsilon_high"),
+    "epsilon": ("clip_range", "clip_range_high is the upper bound (TRL's epsilon_high)"),
+    "epsilon_high": ("clip_range_high", ""),
+    "epsilon_low": ("clip_range", ""),
+    "use_bias_correction_kl": ("kl_ratio_weighted", "TRL 1.16 defaults it to true; here it is off unless set"),
     "cliprange": ("clip_range", ""),
     "eps_clip": ("clip_range", ""),
     "cliprange_value": ("clip_range_value", ""),
@@ -39,8 +42,9 @@ ALIASES: dict[str, tuple[str, str]] = {
     "num_iterations": ("ppo_epochs", ""),
     "lambd": ("lam", ""),
     "entropy_coef": ("ent_coef", ""),
-    "loss_type": ("loss_agg", "token_mean is DAPO/BNPO-style, seq_mean_token_mean is GRPO-style"),
-    "scale_rewards": ("whiten_advantages", "grpo always divides by the group std"),
+    "loss_type": ("loss_agg", "token_mean is TRL's dapo, seq_mean_token_mean grpo, micro_batch_token_mean bnpo, "
+                              "token_sum_over_max_length dr_grpo; `llm-rl grpo` takes loss_type itself"),
+    "scale_rewards": ("advantage_scaling", "group, batch or none, for advantage_estimator grpo"),
     "n_samples_per_prompt": ("num_generations", ""),
     "max_tool_calling_iterations": ("max_turns", "max_turns counts every bot turn, the answer after the last tool "
                                                  "result included: max_tool_calling_iterations + 1"),
@@ -73,10 +77,6 @@ ALIASES: dict[str, tuple[str, str]] = {
     "lora_rank": ("lora_r", ""),
     "target_modules": ("lora_target_modules", ""),
     "stop_token_id": ("stop_token", "give the token's text"),
-    "mask_truncated_completions": ("missing_eos_penalty",
-                                   "TRL leaves completions cut at max_completion_length (no EOS) out of the loss; "
-                                   "llm_rl has no such switch: they stay in the loss, and missing_eos_penalty lowers "
-                                   "their score instead"),
     "save_path": ("output_dir", ""),
     "ckpt_path": ("output_dir", "checkpoints go to OUTPUT_DIR/checkpoint-N"),
     "load_checkpoint": ("resume_from_checkpoint", "'latest' or a checkpoint-N folder"),

@@ -11,6 +11,7 @@ from typing import Literal
 
 from llm_rl.config.variants import (
     ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SCALINGS,
     IMPORTANCE_SAMPLING_MODES,
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
@@ -18,6 +19,7 @@ from llm_rl.config.variants import (
 )
 
 AdvantageEstimator = Literal[tuple(ADVANTAGE_ESTIMATORS)]
+AdvantageScaling = Literal[tuple(ADVANTAGE_SCALINGS)]
 KLEstimator = Literal[tuple(KL_ESTIMATORS)]
 LossAggregation = Literal[tuple(LOSS_AGGREGATIONS)]
 RolloutEngine = Literal[tuple(ROLLOUT_ENGINES)]

@@ -19,6 +19,8 @@ from llm_rl.config.choices import KLPlacement
 from llm_rl.config.errors import ConfigError
 from llm_rl.config.variants import (
     ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SCALINGS,
+    DEFAULT_ADVANTAGE_SCALING,
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     ROLLOUT_ENGINES,
@@ -146,6 +148,7 @@ PPO_RULES: list[Rule] = [
     known("ppo", "kl_estimator", KL_ESTIMATORS, optional=True),
     known("ppo", "kl_placement", get_args(KLPlacement)),
     known("ppo", "loss_agg", LOSS_AGGREGATIONS),
+    known("ppo", "advantage_scaling", ADVANTAGE_SCALINGS),
     Rule("batch_size", lambda c: c.ppo.batch_size >= 1, "batch_size must be >= 1"),
     Rule("num_mini_batches", lambda c: c.ppo.num_mini_batches >= 1, "num_mini_batches must be >= 1"),
     Rule("gradient_accumulation_steps", lambda c: c.ppo.gradient_accumulation_steps >= 1,
@@ -166,6 +169,18 @@ PPO_RULES: list[Rule] = [
     Rule("learning_rate", lambda c: c.ppo.learning_rate > 0, "learning_rate must be > 0"),
     Rule("warmup_steps", lambda c: c.ppo.warmup_steps >= 0, "warmup_steps must be >= 0"),
     Rule("clip_range", lambda c: c.ppo.clip_range > 0, "clip_range must be > 0"),
+    Rule("clip_range_high", lambda c: c.ppo.clip_range_high is None or c.ppo.clip_range_high > 0,
+         "clip_range_high must be > 0 (or null: clip_range)"),
+    Rule("advantage_scaling_estimator",
+         lambda c: c.ppo.advantage_scaling == DEFAULT_ADVANTAGE_SCALING or estimator(c).std_scaled,
+         lambda c: f"advantage_scaling: {c.ppo.advantage_scaling} applies to "
+                   f"{or_list(n for n, v in ADVANTAGE_ESTIMATORS.items() if v.std_scaled)}, not advantage_estimator "
+                   f"{c.ppo.advantage_estimator}; remove it"),
+    Rule("kl_ratio_weighted_placement", lambda c: not c.ppo.kl_ratio_weighted or c.ppo.kl_in_loss,
+         "kl_ratio_weighted weighs the KL loss term: it needs kl_placement: loss"),
+    Rule("mask_truncated_single_turn", lambda c: not c.ppo.mask_truncated_completions or no_environment(c),
+         "mask_truncated_completions masks single responses cut at max_new_tokens; it has no multi-turn form: "
+         "remove it with an environment"),
     Rule("dual_clip", lambda c: c.ppo.dual_clip is None or c.ppo.dual_clip > 1,
          "dual_clip must be > 1 (or null to disable)"),
     Rule("clip_range_value", lambda c: c.ppo.clip_range_value is None or c.ppo.clip_range_value > 0,

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from llm_rl.config.aliases import unknown_key_message
 from llm_rl.config.choices import (
     AdvantageEstimator,
+    AdvantageScaling,
     Decoding,
     Discount,
     ImportanceSamplingModeName,
@@ -40,7 +41,9 @@ from llm_rl.config.loading import UnknownKey, coerce, fill_from_yaml, option_lin
 from llm_rl.config.paths import check_report_to, missing_local_path
 from llm_rl.config.rules import PPO_REWARD_RULES, PPO_RULES, check
 from llm_rl.config.variants import (
+    ADVANTAGE_SCALINGS,
     DEFAULT_ADVANTAGE_ESTIMATOR,
+    DEFAULT_ADVANTAGE_SCALING,
     DEFAULT_IMPORTANCE_SAMPLING_MODE,
     DEFAULT_LOSS_AGGREGATION,
     DEFAULT_ROLLOUT_ENGINE,
@@ -204,6 +207,11 @@ class PPOConfig(OptimizerOptions):
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
+    clip_range_high: Optional[float] = field(
+        default=None,
+        metadata={"help": "Upper ratio clip: the ratio is clipped to [1 - clip_range, 1 + clip_range_high] "
+                          "(DAPO's clip-higher, TRL's epsilon_high); null: clip_range."},
+    )
     dual_clip: Optional[float] = field(
         default=None, metadata={"help": "Dual-clip constant c > 1 bounding the loss of negative advantages."}
     )
@@ -222,11 +230,26 @@ class PPOConfig(OptimizerOptions):
     adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta towards kl_target (Ziegler et al. 2019)."})
     kl_target: float = field(default=6.0, metadata={"help": "Target KL per sequence for the adaptive controller."})
     kl_horizon: int = field(default=10000, metadata={"help": "Horizon of the adaptive controller."})
+    kl_ratio_weighted: bool = field(
+        default=False,
+        metadata={"help": "kl_placement: loss: multiply each token's KL term by pi / pi_old (with its gradient): the "
+                          "reverse KL's unbiased gradient (TRL's use_bias_correction_kl)."},
+    )
     advantage_estimator: AdvantageEstimator = field(
         default=DEFAULT_ADVANTAGE_ESTIMATOR, metadata={"help": advantage_estimator_help()}
     )
     num_generations: int = field(
         default=1, metadata={"help": f"Completions sampled per prompt (a group, for {'/'.join(group_estimators())})."}
+    )
+    advantage_scaling: AdvantageScaling = field(
+        default=DEFAULT_ADVANTAGE_SCALING,
+        metadata={"help": "grpo: " + "; ".join(f"{k}: {v}" for k, v in ADVANTAGE_SCALINGS.items())
+                  + " (TRL's scale_rewards)."},
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "Completions that never emitted EOS (cut at max_new_tokens) get no loss, no KL and no "
+                          "count in the loss's divisor; they still take part in their group's mean and std."},
     )
 
     @property

@@ -48,6 +48,7 @@ class AdvantageEstimatorVariant:
     reward_model_use: Optional[str] = None  # what it needs a reward model for; None: it needs none
     single_turn_reason: Optional[str] = None  # why it has no multi-turn form; None: it has one
     whiten_rewards_conflict: Optional[str] = None  # why whiten_rewards would break it; None: compatible
+    std_scaled: bool = False  # divides by a std of the scores: advantage_scaling picks which (or none)
 
     @property
     def needs_reward_model(self) -> bool:
@@ -73,6 +74,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimatorVariant] = {
              "loss",
         whitened_by_trainer=False,  # normalised per group
         min_generations=2,
+        std_scaled=True,
     ),
     "rloo": AdvantageEstimatorVariant(
         card="leave-one-out (RLOO) advantages over the completions of each prompt, no value head, clipped policy loss",
@@ -157,16 +159,30 @@ class LossAggregationVariant:
 
     description: str
     note: str = ""  # after its name in the loss_agg help
+    trl_loss_type: str = ""  # the GRPOConfig loss_type that is this aggregation (llm-rl grpo)
 
 
 LOSS_AGGREGATIONS: dict[str, LossAggregationVariant] = {
     "token_mean": LossAggregationVariant(
         description="sum(l * m) / sum(m): every valid token in the batch weighs the same (long responses dominate)",
+        trl_loss_type="dapo",
     ),
     "seq_mean_token_mean": LossAggregationVariant(
         description="the mean over the tokens of each sequence, then over the sequences with a valid token: every "
                     "response weighs the same whatever its length",
         note="mean per sequence first",
+        trl_loss_type="grpo",
+    ),
+    "micro_batch_token_mean": LossAggregationVariant(
+        description="the token mean of each micro-batch, then the mean over the micro-batches (of every process): "
+                    "the loss changes with how a mini-batch is split",
+        note="TRL's bnpo",
+        trl_loss_type="bnpo",
+    ),
+    "token_sum_over_max_length": LossAggregationVariant(
+        description="sum(l * m) / (rows * max_new_tokens): a constant divisor, no length bias (Dr. GRPO)",
+        note="TRL's dr_grpo",
+        trl_loss_type="dr_grpo",
     ),
 }
 DEFAULT_LOSS_AGGREGATION = "token_mean"
@@ -174,6 +190,20 @@ DEFAULT_LOSS_AGGREGATION = "token_mean"
 
 def loss_aggregation_help() -> str:
     return ", or ".join(named(name, v.note) for name, v in LOSS_AGGREGATIONS.items()) + "."
+
+
+def aggregation_of_loss_type(loss_type: str) -> Optional[str]:
+    """The loss_agg that is GRPOConfig's `loss_type`, or None when llm_rl has none."""
+    return next((name for name, v in LOSS_AGGREGATIONS.items() if v.trl_loss_type == loss_type), None)
+
+
+# ====================================================================== advantage scaling (std-scaled estimators)
+ADVANTAGE_SCALINGS: dict[str, str] = {
+    "group": "(score - group mean) / (std of the group + eps)",
+    "batch": "(score - group mean) / (std of every score of the update, all processes + eps)",
+    "none": "score - group mean (Dr. GRPO: no division, no difficulty bias)",
+}
+DEFAULT_ADVANTAGE_SCALING = "group"
 
 
 # ====================================================================== rollout engines

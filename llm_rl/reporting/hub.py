@@ -73,8 +73,12 @@ def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: st
     rewards = ([f"reward model `{r.reward_model_name_or_path}`"] if r.reward_model_name_or_path else []) + [
         f"`{spec}`" for spec in r.reward_funcs
     ]
-    kl = "a KL penalty to the reference in the loss" if p.kl_in_loss else (
-        "a KL penalty to the reference on every token's reward, the sequence score on the last token")
+    if p.kl_coef == 0 and not p.adaptive_kl:  # no reference was kept or read: nothing to say about a KL
+        kl = ""
+    elif p.kl_in_loss:
+        kl = "a KL penalty to the reference in the loss; "
+    else:
+        kl = "a KL penalty to the reference on every token's reward, the sequence score on the last token; "
     estimator = ADVANTAGE_ESTIMATORS[p.advantage_estimator]
     value_head = estimator.needs_values
     saved = ("a LoRA adapter (peft)" if adapter else "a plain causal LM") + (
@@ -87,7 +91,7 @@ def model_card(config: Config, final_metrics: Optional[dict] = None, repo_id: st
     body = f"""# {Path(config.train.output_dir).name}
 
 Fine-tuned from `{m.model_name_or_path}` by [llm_rl](https://pypi.org/project/llm_rl/) {__version__}
-with token-level PPO: {kl}; {estimator.card}.
+with token-level PPO: {kl}{estimator.card}.
 
 - prompts: `{d.dataset_name}` (split `{d.dataset_split}`, column `{d.prompt_column}`)
 - reward: {", ".join(rewards) or "none"}

@@ -378,6 +378,7 @@ class PPOTrainer(TrainingRun):
             kl_estimator=ppo.kl_estimator_in_use, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.num_generations,
             whiten_advantages=ppo.whiten_advantages, whiten_rewards=self.config.reward.whiten_rewards,
             turn_discount=self.config.environment.turn_discount, reduce=self.sum_over_processes,
+            advantage_scaling=ppo.advantage_scaling, mask_truncated=ppo.mask_truncated_completions,
         )
         if rollout.sampler_logprobs is None or not sampling.vllm_importance_sampling_correction:
             return targets
@@ -429,9 +430,13 @@ class PPOTrainer(TrainingRun):
         return means
 
     def global_count(self, mask: torch.Tensor) -> torch.Tensor:
-        """What a mini-batch's losses are divided by: its tokens (token_mean) or sequences
-        (seq_mean_token_mean) on every process, `mask` (rows, resp_len) being this process's part."""
-        count = loss_normalizer(mask, self.config.ppo.loss_agg).to(self.accelerator.device)
+        """What a mini-batch's losses are divided by (`loss_normalizer`): its tokens (token_mean), sequences
+        (seq_mean_token_mean), micro-batches or rows x the longest response on every process, `mask`
+        (rows, resp_len) being this process's part."""
+        env = self.config.environment
+        longest = self.config.sampling.max_new_tokens if env.environment is None else env.max_episode_tokens
+        count = loss_normalizer(mask, self.config.ppo.loss_agg, self.micro_batch_size, longest)
+        count = count.to(self.accelerator.device)
         return self.accelerator.reduce(count, "sum")  # one all-reduce per mini-batch
 
     def reduce_train_stats(self, sums: dict[str, torch.Tensor], steps: int, micro_batches: int) -> dict[str, float]:
@@ -507,9 +512,10 @@ class PPOTrainer(TrainingRun):
         ppo, acc = self.config.ppo, self.accelerator
         logprobs, values, entropy = forward
         coefficients = PPOCoefficients(
-            clip_range=ppo.clip_range, dual_clip=ppo.dual_clip, clip_range_value=ppo.clip_range_value,
-            vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_coef=self.kl_controller.value,
-            kl_estimator=ppo.kl_estimator_in_use, loss_agg=ppo.loss_agg,
+            clip_range=ppo.clip_range, clip_range_high=ppo.clip_range_high, dual_clip=ppo.dual_clip,
+            clip_range_value=ppo.clip_range_value, vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef,
+            kl_coef=self.kl_controller.value, kl_estimator=ppo.kl_estimator_in_use,
+            kl_ratio_weighted=ppo.kl_ratio_weighted, loss_agg=ppo.loss_agg,
         )
         loss, stats = ppo_objective(
             logprobs, rollout.logprobs, targets.advantages, targets.loss_mask,

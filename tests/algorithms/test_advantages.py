@@ -180,3 +180,19 @@ def test_prefix_diff_with_rewards_is_td0_with_the_prefix_scores_as_critic():
     # the score Q_last on the last token as the only reward: the plain increments
     only_score = torch.tensor([[0.0, 0.75, 0.0]])
     close(prefix_diff_advantages(prefix, prompt, mask, only_score), prefix_diff_advantages(prefix, prompt, mask))
+
+
+# ----------------------------------------------------------------- grpo's std: group, batch or none (TRL's scale_rewards)
+def test_grpo_scaling_group_batch_or_none_by_hand():
+    """Scores [0, 1 | 2, 3]: every row is 0.5 from its group's mean. group: / std(0, 1) = 0.707107 -> 0.707107;
+    batch: / std(0, 1, 2, 3) = sqrt(5/3) = 1.290994 -> 0.387298; none: 0.5. Summed over two processes holding the
+    same scores the batch is (0, 1, 2, 3) twice: std sqrt(10/7) = 1.195229 -> 0.418330."""
+    scores = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    sign = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+    close(grpo_advantages(scores, 2, eps=0.0, scaling="group"), sign * 0.707107, atol=1e-5)
+    close(grpo_advantages(scores, 2, eps=0.0, scaling="batch"), sign * 0.387298, atol=1e-5)
+    close(grpo_advantages(scores, 2, eps=0.0, scaling="none"), sign * 0.5)
+    close(grpo_advantages(scores, 2, eps=0.0, scaling="batch", reduce=lambda t: 2 * t), sign * 0.418330, atol=1e-5)
+    close(grpo_advantages(torch.tensor([1.0, 1.0, 2.0, 4.0]), 2, scaling="none"), [0.0, 0.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="group, batch or none"):
+        grpo_advantages(scores, 2, scaling="std")

@@ -236,3 +236,56 @@ def test_ppo_objective_by_hand():
     loss, stats = ppo_objective(logprobs.detach(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2),
                                 token_entropy=torch.tensor([[1.0, 3.0]]), coefficients=PPOCoefficients(ent_coef=0.01))
     assert loss.item() == pytest.approx(0.5 - 0.02) and "loss/kl" not in stats and stats["loss/value"] == 0
+
+
+# ----------------------------------------------------------------- TRL's loss types (llm-rl grpo's loss_type)
+def test_clip_range_high_clips_the_ratio_asymmetrically():
+    """The table above with the upper bound at 1.28 (epsilon 0.2, epsilon_high 0.28): token 0 (ratio 1.5, A +1)
+    now gives max(-1.5, -1.28) = -1.28; the others are unchanged: (-1.28 + 0.8 + 1.1 - 1.8) / 4 = -0.295."""
+    loss, stats = policy_loss(NEW, OLD, ADV, MASK, clip_range=0.2, clip_range_high=0.28)
+    close(loss, -0.295)
+    close(stats["clipfrac"], 0.5)
+    close(policy_loss(NEW, OLD, ADV, MASK, clip_range=0.2, clip_range_high=None)[0], -0.275)  # None: symmetric
+    with pytest.raises(ValueError, match="clip_range_high"):
+        policy_loss(NEW, OLD, ADV, MASK, clip_range_high=0.0)
+
+
+def test_micro_batch_token_mean_is_the_mean_of_the_micro_batches_token_means():
+    """bnpo: rows 0 and 1 (tokens 1+2+3+4 and 10) as two micro-batches of one row: (10/4 + 10/1) / 2 = 6.25;
+    as one micro-batch of two rows: 20/5 = 4, the token mean. The split changes the loss; token_mean's does not."""
+    two = loss_normalizer(AGG_MASK[:2], "micro_batch_token_mean", micro_batch_rows=1)
+    assert two == 2.0
+    shares = [aggregate_loss(PER_TOKEN[i:i + 1], AGG_MASK[i:i + 1], "micro_batch_token_mean", two) for i in (0, 1)]
+    close(sum(shares), 6.25)
+    one = loss_normalizer(AGG_MASK[:2], "micro_batch_token_mean", micro_batch_rows=2)
+    close(aggregate_loss(PER_TOKEN[:2], AGG_MASK[:2], "micro_batch_token_mean", one), 4.0)
+    close(aggregate_loss(PER_TOKEN[:2], AGG_MASK[:2], "micro_batch_token_mean"), 4.0)
+
+
+def test_token_sum_over_max_length_divides_by_rows_times_the_longest_response():
+    """dr_grpo: the 3 rows hold 20 in valid tokens; max length 8: 20 / (3 * 8); without it, the batch's width 4:
+    20 / 12. Split into rows 0 | 1, 2 with the mini-batch's count the shares add up to the same 20 / 24."""
+    count = loss_normalizer(AGG_MASK, "token_sum_over_max_length", max_length=8)
+    assert count == 24.0
+    close(aggregate_loss(PER_TOKEN, AGG_MASK, "token_sum_over_max_length", count), 20 / 24)
+    close(aggregate_loss(PER_TOKEN, AGG_MASK, "token_sum_over_max_length"), 20 / 12)
+    shares = (aggregate_loss(PER_TOKEN[:1], AGG_MASK[:1], "token_sum_over_max_length", count)
+              + aggregate_loss(PER_TOKEN[1:], AGG_MASK[1:], "token_sum_over_max_length", count))
+    close(shares, 20 / 24)
+
+
+def test_kl_ratio_weighted_keeps_the_value_and_changes_the_gradient():
+    """One token, log pi = log pi_old = 0, log ref = ln 2, k3 in the loss, kl_coef 1, A = 0:
+    k3 = e^(ln 2) - ln 2 - 1 = 0.306853 either way. d k3 / d log pi = 1 - e^(ln 2 - 0) = -1; times the ratio
+    pi / pi_old (1 in value) the gradient gains k3 * 1: -1 + 0.306853 = -0.693147 = log pi - log ref."""
+    from llm_rl.algorithms.losses import PPOCoefficients, ppo_objective
+
+    for weighted, gradient in ((False, -1.0), (True, -0.693147)):
+        logprobs = torch.zeros(1, 1, requires_grad=True)
+        loss, stats = ppo_objective(
+            logprobs, torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), token_entropy=torch.zeros(1, 1),
+            ref_logprobs=torch.full((1, 1), math.log(2.0)),
+            coefficients=PPOCoefficients(kl_coef=1.0, kl_estimator="k3", kl_ratio_weighted=weighted))
+        loss.backward()
+        close(stats["loss/kl"], 0.306853)
+        close(logprobs.grad, [[gradient]])

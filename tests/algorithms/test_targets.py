@@ -3,11 +3,13 @@ the estimator table and the typed config choices it is keyed by."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 
 import pytest
 import torch
+from conftest import close
 
 from llm_rl.algorithms.advantages import ESTIMATORS
 from llm_rl.algorithms.scores import Scores, kl_rewards, place_scores, token_rewards
@@ -145,3 +147,18 @@ def test_prefix_diff_takes_the_sequence_score_as_terminal_reward():
     # a different score (say a missing-EOS penalty of 1) changes the advantages
     advantages = advantages_of(*hand_rollout([1.0], [2], width=2, prefix=prefix), **config)
     torch.testing.assert_close(advantages, torch.tensor([[0.25, 0.5]]))
+
+
+def test_mask_truncated_leaves_a_row_without_stop_token_in_its_group_but_out_of_the_loss():
+    """grpo, one group of two: scores 1 and 0, the second cut at max_new_tokens (no stop token). Both are in the
+    group's statistics (advantages +-0.707107 as without masking); the second gets no loss, KL or advantage."""
+    rollout = dataclasses.replace(rollout_of(MASK, LOGPROBS, REF), ended=torch.tensor([True, False]))
+    kept = compute_targets(rollout, scores_of([1.0, 0.0]), estimator="grpo", beta=0.0, group_size=2,
+                           kl_estimator="k1")
+    masked = compute_targets(rollout, scores_of([1.0, 0.0]), estimator="grpo", beta=0.0, group_size=2,
+                             kl_estimator="k1", mask_truncated=True)
+    assert kept.loss_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert masked.loss_mask.tolist() == [[1, 1, 1], [0, 0, 0]]
+    close(kept.advantages, [[0.707106] * 3, [-0.707106] * 2 + [0.0]], atol=1e-5)
+    close(masked.advantages, [[0.707106] * 3, [0.0] * 3], atol=1e-5)
+    close(masked.kl, [[0.5, 0.0, -0.5], [0.0, 0.0, 0.0]])

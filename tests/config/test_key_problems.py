@@ -95,11 +95,7 @@ def test_a_bad_item_of_a_list_names_the_allowed_values():
     assert str(caught.value) == "command line: 'eval_decoding' is one of greedy, sampled; got 'beam'"
 
 
-def test_trls_mask_truncated_completions_is_not_sent_to_an_unrelated_key():
-    """TRL drops truncated completions from the loss; llm_rl has no such switch (truncate_prompts, the
-    closest spelling, is about prompts)."""
-    with pytest.raises(ConfigError) as caught:
-        Config.from_yaml(None, ["--mask_truncated_completions", "true"])
-    message = str(caught.value)
-    assert "truncate_prompts" not in message
-    assert "Did you mean missing_eos_penalty?" in message and "out of the loss" in message
+def test_trls_mask_truncated_completions_is_a_key_of_its_own():
+    """It used to point to missing_eos_penalty (which lowers a score, not the loss weight); now it is TRL's switch."""
+    config = Config.from_yaml(None, ["--mask_truncated_completions", "true"])
+    assert config.ppo.mask_truncated_completions is True

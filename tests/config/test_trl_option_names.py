@@ -45,7 +45,9 @@ def _installed(name: str) -> bool:
     ("epsilon", "clip_range", None),
     ("eps_clip", "clip_range", None),
     ("num_ppo_epochs", "ppo_epochs", None),
-    ("loss_type", "loss_agg", "GRPO"),
+    ("loss_type", "loss_agg", "token_mean is TRL's dapo"),
+    ("epsilon_high", "clip_range_high", None),
+    ("scale_rewards", "advantage_scaling", None),
     ("bf16", "torch_dtype", "mixed_precision"),
     ("total_episodes", "max_updates", None),
 ])

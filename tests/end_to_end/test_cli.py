@@ -153,13 +153,14 @@ def run_entry(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["ppo", "reward train", "reward train --help", "reward score --help",
-                                  "demo", "demo dialogue", "demo --help", "ppo --help"])
+@pytest.mark.parametrize("case", ["ppo", "grpo", "reward train", "reward train --help", "reward score --help",
+                                  "demo", "demo dialogue", "demo --help", "ppo --help", "grpo --help"])
 def test_config_errors_and_help_come_before_torch_is_imported(tmp_path, case):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_name_or_path: /nonexistent\nper_device_train_batch_size: 4\nppo:\n  use_peft: true\n")
     args = {
         "ppo": ["ppo", "--config", str(bad), "--learningrate", "1"],
+        "grpo": ["grpo", "--config", str(bad), "--learningrate", "1", "--loss_type", "cispo"],
         "reward train": ["reward", "train", "--config", str(bad)],
         "demo": ["demo", "--output_dir", str(tmp_path / "demo"), "--bogus_key", "1"],
         "demo dialogue": ["demo", "--task", "dialogue", "--output_dir", str(tmp_path / "demo"), "--bogus_key", "1"],

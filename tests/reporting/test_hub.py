@@ -176,3 +176,22 @@ def test_critic_free_and_lora_cards_describe_what_was_trained_and_saved(tiny_mod
     assert "GAE" not in description and "value_head" not in description and "no value head" in description
     assert not (out / "value_head.safetensors").exists()
     assert "AutoPeftModelForCausalLM" in card.text
+
+
+@pytest.mark.parametrize("values, said", [
+    ({"kl_coef": 0.0}, None),  # no reference was kept: the card says nothing of a KL
+    ({"kl_coef": 0.0, "adaptive_kl": True}, "on every token's reward"),  # the controller raises it from 0
+    ({"kl_coef": 0.04, "kl_placement": "loss", "kl_estimator": "k3"}, "KL penalty to the reference in the loss"),
+    ({}, "KL penalty to the reference on every token's reward"),
+])
+def test_the_card_mentions_a_kl_only_when_one_was_used(tmp_path, values, said):
+    from llm_rl.reporting.hub import model_card
+
+    config = Config.from_dict({"model_name_or_path": "m", "dataset_name": "d.jsonl", "advantage_estimator": "grpo",
+                               "num_generations": 2, "output_dir": str(tmp_path / "run"), **values})
+    description = str(model_card(config, {"kl/per_sequence": 0.5} if said else {})).split("## Training configuration")[0]
+    if said is None:
+        assert "KL" not in description and "kl" not in description.lower()
+        assert "with token-level PPO: group-normalised (GRPO) advantages" in description
+    else:
+        assert said in description

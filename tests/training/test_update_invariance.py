@@ -24,7 +24,7 @@ from llm_rl.training.ppo_trainer import SHARE_STATS, PPOTrainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds its own Accelerator
 
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "token_sum_over_max_length")  # micro_batch_token_mean: split-dependent
 # same parameters to 1e-5 relative to the parameters; the difference relative to the update itself is what
 # shows: 0.4 to 0.8 before the fix for accumulation 2 and 4, 2e-6 to 6e-6 after (float32 rounding)
 PARAM_RTOL, UPDATE_RTOL = 1e-5, 1e-4
@@ -85,6 +85,19 @@ def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, s
     for key in SHARE_STATS:  # the logged losses are the mini-batch's, however split
         if key in reference_stats:
             assert stats[key] == pytest.approx(reference_stats[key], rel=1e-5, abs=1e-7), key
+
+
+def test_micro_batch_token_mean_is_token_mean_on_one_micro_batch_and_changes_with_the_split(tiny_model_dir, tmp_path,
+                                                                                           single_process):
+    """TRL's bnpo: on one micro-batch (one process, no accumulation) it is the token mean; split in two it averages
+    the two micro-batches' token means, which weighs the rows of the shorter half more: another update."""
+    before, reference, _ = single_process.updates["token_mean"]
+    _, whole, _ = one_update(tiny_model_dir, tmp_path / "one", loss_agg="micro_batch_token_mean")
+    assert_same_update(whole, reference, before, "micro_batch_token_mean, one micro-batch")
+    reset_accelerate_state()
+    _, split, _ = one_update(tiny_model_dir, tmp_path / "two", loss_agg="micro_batch_token_mean",
+                             gradient_accumulation_steps=2)
+    assert relative_difference(split, reference, before) > 1e-2
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
