@@ -182,6 +182,21 @@ def sevens(prompts, completions, **columns):
 '''
 
 
+# a scripted multi-turn environment (tests of episodes, through HF generate and through vLLM)
+TWO_TURNS_ENV = '''
+class TwoTurns:
+    """Scripted user: answers "7" to every reply, rewards a reply by its length / 4, done after 2 turns."""
+
+    def reset(self, row):
+        self.turns = 0
+        return row["prompt"]
+
+    def step(self, response):
+        self.turns += 1
+        return "7", len(response) / 4, self.turns >= 2
+'''
+
+
 def write_sevens_reward(folder: Path) -> str:
     """folder/sevens.py holding the `sevens` reward; returns its spec 'folder/sevens.py:sevens'."""
     (folder / "sevens.py").write_text(SEVENS_REWARD)

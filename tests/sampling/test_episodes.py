@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import (
     RANK_REPORT_DRIVER,
+    TWO_TURNS_ENV,
     REPO,
     build_trainer,
     explain,
@@ -126,24 +127,12 @@ def test_chat_episode_sequence_is_the_rendered_conversation(tiny_lm, tiny_tokeni
 
 
 # ---------------------------------------------------------------- the trainer with an environment
-ENV_SOURCE = '''
-class TwoTurns:
-    """Scripted user: answers "7" to every reply, rewards a reply by its length / 4, done after 2 turns."""
-
-    def reset(self, row):
-        self.turns = 0
-        return row["prompt"]
-
-    def step(self, response):
-        self.turns += 1
-        return "7", len(response) / 4, self.turns >= 2
-'''
 
 
 @pytest.fixture(scope="module")
 def episode_setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("episodes")
-    (root / "users.py").write_text(ENV_SOURCE)
+    (root / "users.py").write_text(TWO_TURNS_ENV)
     prompts = [f"{a}+{b}=" for a in (3, 45, 678, 9) for b in (1, 23)]
     write_jsonl(root / "rows.jsonl", [{"prompt": p, "id": i} for i, p in enumerate(prompts)])
     return root, {

@@ -12,6 +12,7 @@ import yaml
 
 from conftest import (
     RANK_REPORT_DRIVER,
+    TWO_TURNS_ENV,
     build_tokenizer,
     build_trainer,
     explain,
@@ -281,23 +282,11 @@ def test_first_update_agrees_with_hf(llama_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- episodes through the engine
-TURNS_SOURCE = '''
-class TwoTurns:
-    """Scripted user: answers "7" to every reply, rewards a reply by its length / 4, done after 2 turns."""
-
-    def reset(self, row):
-        self.turns = 0
-        return row["prompt"]
-
-    def step(self, response):
-        self.turns += 1
-        return "7", len(response) / 4, self.turns >= 2
-'''
 
 
 def episode_config(model_dir, tmp_path, engine: str, **values):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "users.py").write_text(TURNS_SOURCE)
+    (tmp_path / "users.py").write_text(TWO_TURNS_ENV)
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": p} for p in PROMPTS])
     values = {**dict(environment=f"{tmp_path / 'users.py'}:TwoTurns", max_turns=3, max_episode_tokens=16,
                      max_new_tokens=5, batch_size=4, num_generations=1, max_updates=2, learning_rate=1e-3, seed=0,
